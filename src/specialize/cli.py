@@ -1,0 +1,154 @@
+"""The `specialize` command: one subcommand per stage; parsing only, each calls the stage's function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from specialize import __version__
+
+STAGES = """\
+stages:
+  data      inspect instruction datasets (counts, fields, token lengths, rendered prompts)
+  generate  complete an instruction with a model
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded", help="embedded | path.gguf | local dir | hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub (off by default)")
+    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--system", default=None, help="system message for the chat template")
+
+
+def _parse_mapping(items: Sequence[str]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for item in items:
+        field, sep, column = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--map {item!r}: expected FIELD=COLUMN (e.g. output=answer, or input= for none)")
+        out[field] = column or None
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specialize",
+        description="Carve a specialist LLM out of a generalist one.",
+        epilog=STAGES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"specialize {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="STAGE")
+
+    data = sub.add_parser("data", help="inspect instruction datasets")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    inspect = data_sub.add_parser("inspect", help="counts, fields, token-length percentiles, rendered prompts")
+    inspect.add_argument("path", help="file or dataset directory")
+    inspect.add_argument("--format", default=None, help="force a reader (default: detect)")
+    inspect.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN", help="field mapping")
+    inspect.add_argument("--skip-invalid", action="store_true", help="skip bad records (counted and listed)")
+    inspect.add_argument("--limit", type=int, default=None, help="read at most N records")
+    inspect.add_argument("--show", type=int, default=2, help="rendered prompts to print")
+    inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    _add_model_args(inspect)
+
+    gen = sub.add_parser("generate", help="complete an instruction")
+    gen.add_argument("instruction")
+    gen.add_argument("--input", default="", help="optional input for the instruction")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    _add_model_args(gen)
+    return parser
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from specialize.data import read_records
+    from specialize.data.stats import dataset_stats
+    from specialize.models import load_tokenizer
+    from specialize.prompts import get_template, render_prompt
+
+    result = read_records(
+        args.path, args.format, mapping=_parse_mapping(args.map) or None,
+        skip_invalid=args.skip_invalid, limit=args.limit,
+    )  # fmt: skip
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    template = get_template(args.template, tokenizer, args.system)
+    stats = dataset_stats(result.records, tokenizer, template)
+    stats["skipped"] = len(result.skipped)
+    if args.json:
+        print(json.dumps(stats, indent=2, ensure_ascii=False))
+        return 0
+    console = Console()
+    console.print(f"[bold]{args.path}[/bold]: {stats['records']} records, {stats['tasks']} tasks")
+    for key in ("with_input", "with_options", "with_history", "multi_reference"):
+        console.print(f"  {key.replace('_', ' ')}: {stats[key]}")
+    console.print(f"  sources: {stats['sources']}")
+    if stats["metadata_fields"]:
+        console.print(f"  metadata fields: {stats['metadata_fields']}")
+    table = Table(title=f"tokens ({args.model}, {args.template} template)")
+    table.add_column("part")
+    cols = list(stats["tokens"]["prompt"])
+    for c in cols:
+        table.add_column(c, justify="right")
+    for part, pct in stats["tokens"].items():
+        table.add_row(part, *(str(pct[c]) for c in cols))
+    console.print(table)
+    for ex in result.records[: args.show]:
+        console.print(Panel(render_prompt(ex, template) + ex.output, title=ex.id, expand=False), markup=False)
+    if result.skipped:
+        console.print(f"[yellow]{result.skip_summary()}[/yellow]")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from specialize.generation import SamplingParams, generate
+    from specialize.models import load_model
+    from specialize.prompts import get_template
+
+    model, tokenizer = load_model(
+        args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+        trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
+    template = get_template(args.template, tokenizer, args.system)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    prompt = template.render(args.instruction, args.input)
+    [completion] = generate(model, tokenizer, [prompt], template, params)
+    print(completion.text.strip())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from specialize.config import ConfigError
+    from specialize.data import DataError
+    from specialize.models import ModelLoadError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {("data", "inspect"): _cmd_data_inspect, ("generate", None): _cmd_generate}
+    handler = handlers.get((args.command, getattr(args, "data_command", None)))
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except (DataError, ConfigError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
