@@ -72,9 +72,7 @@ def resolve(spec: str) -> ModelSource:
         raise ModelLoadError(f"{spec}: no such file or directory")
     if _HUB_ID.match(spec):
         return ModelSource("hub", spec)
-    raise ModelLoadError(
-        f"{spec!r} is not `embedded`, an existing .gguf file or directory, nor a hub id like org/name"
-    )
+    raise ModelLoadError(f"{spec!r} is not `embedded`, an existing .gguf file or directory, nor a hub id like org/name")
 
 
 def cache_root() -> Path:

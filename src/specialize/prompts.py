@@ -28,7 +28,9 @@ ALPACA_PREAMBLE_INPUT = (
 ALPACA_PREAMBLE_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 )
-ALPACA_PROMPT_INPUT = ALPACA_PREAMBLE_INPUT + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = (
+    ALPACA_PREAMBLE_INPUT + "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 ALPACA_PROMPT_NO_INPUT = ALPACA_PREAMBLE_NO_INPUT + "### Instruction:\n{instruction}\n\n### Response:\n"
 
 

@@ -1,6 +1,13 @@
 """The instruction format: one record type, readers for every source, atomic writers."""
 
-from specialize.data.readers import FORMATS, FieldMap, SuperNITask, detect_format, read_records, read_superni_task
+from specialize.data.readers import (
+    FORMATS,
+    FieldMap,
+    SuperNITask,
+    detect_format,
+    read_records,
+    read_superni_task,
+)
 from specialize.data.records import DataError, Example, LoadResult, Skipped, Turn
 from specialize.data.writers import write_jsonl, write_parquet, write_records
 

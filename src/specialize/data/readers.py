@@ -158,8 +158,7 @@ def _rows_parquet(path: Path) -> Iterator[Located]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    for i, row in enumerate(table.to_pylist(), start=1):
-        yield i, row
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def _rows_hf(dataset: Any) -> Iterator[Located]:
@@ -214,6 +213,11 @@ def _history(value: Any, path: Path, line: int | None, name: str) -> tuple[Turn,
     return tuple(turns)
 
 
+def _present(row: Row, column: str | None) -> bool:
+    """An optional column counts as absent when missing, null, or an empty CSV cell."""
+    return bool(column) and row.get(column) not in (None, "")
+
+
 @dataclass
 class _Builder:
     """Turns located rows into Examples; owns id de-duplication and skip accounting."""
@@ -257,18 +261,18 @@ class _Builder:
         else:
             output = _text(raw_out, p, line, m.output, required=True)
             refs = [output]
-        if m.references and row.get(m.references) is not None:
+        if _present(row, m.references):
             extra = _text_list(row[m.references], p, line, m.references)
             refs = [output] + [r for r in extra if r != output]
         input_ = _text(row.get(m.input), p, line, m.input, required=False) if m.input else ""
         options = None
-        if m.options and row.get(m.options) is not None:
+        if _present(row, m.options):
             options = tuple(_text_list(row[m.options], p, line, m.options))
-        history = _history(row.get(m.history), p, line, m.history) if m.history else ()
+        history = _history(row[m.history], p, line, m.history) if _present(row, m.history) else ()
         task = _text(row.get(m.task), p, line, m.task, required=False) if m.task else ""
         source = _text(row.get(m.source), p, line, m.source, required=False) if m.source else ""
         metadata: dict[str, Any] = {}
-        if m.metadata and row.get(m.metadata) is not None:
+        if _present(row, m.metadata):
             meta = row[m.metadata]
             if isinstance(meta, str):  # Parquet/CSV store metadata as JSON text
                 try:
@@ -492,8 +496,8 @@ def detect_format(path: str | Path) -> str:
         raise DataError(path, None, None, "directory is not a saved Hugging Face dataset")
     ext = _base_suffix(path)
     if ext == ".jsonl":
-        with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as f:
-            first = next((ln for ln in f if ln.strip()), "")
+        with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:
+            first = next((ln for ln in f if ln.strip()), b"").decode("utf-8", errors="replace")
         try:
             row = json.loads(first) if first else {}
         except json.JSONDecodeError:
@@ -617,4 +621,3 @@ def _read_hf_hub(
         if limit is not None and len(builder.result.records) >= limit:
             break
     return builder.result
-

@@ -1,0 +1,84 @@
+"""Shared fixtures: real data from ../shared/data, the embedded model, and tiny offline tokenizers/models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # the thread pool stalls under contention on 2 cores
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SPECIALIZE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\nClassify the sentiment.\n\n### Input:\nGreat food!\n\n### Response:\npositive",
+    "The quick brown fox jumps over the lazy dog. Élan, naïve café, über, 東京, emoji 🙂.",
+    "negative neutral positive yes no maybe, punctuation: ; ! ? ... -- 'quotes' \"double\"",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.fail(f"real data not found at {SHARED_DATA}; clone beside ../shared or set SPECIALIZE_SHARED_DATA")
+    return SHARED_DATA
+
+
+def _byte_level_bpe(bos: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<s>"] if bos else ["<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if bos:  # Llama-style: the tokenizer prepends BOS to every encoded text
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+        )
+    # GPT-2 style: bos == eos == <|endoftext|>, no pad token until a loader sets pad = eos
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def gpt2_style_tokenizer():
+    return _byte_level_bpe(bos=False)
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer():
+    return _byte_level_bpe(bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(gpt2_style_tokenizer):
+    """A random-init 2-layer Llama sharing the GPT-2-style tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    eos = gpt2_style_tokenizer.eos_token_id
+    cfg = LlamaConfig(
+        vocab_size=len(gpt2_style_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the real embedded SmolLM2-135M-Instruct."""
+    from specialize.models import load_model
+
+    return load_model("embedded")

