@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from specialize import __version__
+from specialize.train.config import PRESETS
 
 STAGES = """\
 stages:
   data      inspect instruction datasets (counts, fields, token lengths, rendered prompts)
   generate  complete an instruction with a model
+  train     instruction-tune a model: data mix -> stages (generalist, specialist) -> adapter or weights
 """
 
 
@@ -57,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--show", type=int, default=2, help="rendered prompts to print")
     inspect.add_argument("--json", action="store_true", help="print the statistics as JSON")
     _add_model_args(inspect)
+
+    train = sub.add_parser("train", help="instruction-tune a model (resumable; runs under accelerate/torchrun)")
+    train.add_argument("config", help="YAML file, or a preset: " + ", ".join(PRESETS))
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
     gen = sub.add_parser("generate", help="complete an instruction")
     gen.add_argument("instruction")
@@ -131,21 +139,44 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from specialize.train import load_train_config, run_training
+
+    cfg = load_train_config(args.config, args.set)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+    results = run_training(cfg)
+    if os.environ.get("RANK", "0") != "0":  # one report per distributed run
+        return 0
+    for r in results:
+        state = "reused" if r.reused else f"{r.steps} steps, final loss {r.final_loss:.4f}"
+        print(f"{r.name}: {r.output} ({state})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from specialize.config import ConfigError
     from specialize.data import DataError
     from specialize.models import ModelLoadError
+    from specialize.train.sft import TrainConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {("data", "inspect"): _cmd_data_inspect, ("generate", None): _cmd_generate}
+    handlers = {
+        ("data", "inspect"): _cmd_data_inspect,
+        ("generate", None): _cmd_generate,
+        ("train", None): _cmd_train,
+    }
     handler = handlers.get((args.command, getattr(args, "data_command", None)))
     if handler is None:
         parser.print_help()
         return 2
     try:
         return handler(args)
-    except (DataError, ConfigError, ModelLoadError) as e:
+    except (DataError, ConfigError, ModelLoadError, TrainConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -36,15 +37,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    data = dict(data)
+    """Set nested keys; a numeric part indexes into a list (`stages.1.epochs=1`)."""
+    data = copy.deepcopy(data)
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        node[path[-1]] = value
+        node: Any = data
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {part!r} is not an index of a {len(node)}-item list")
+                key: Any = int(part)
+            else:
+                key = part
+                if not last and not isinstance(node.get(key), dict | list):
+                    node[key] = {}
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
     return data
 
 

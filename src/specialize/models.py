@@ -205,8 +205,12 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     cache: Path | None = None,
+    quantization_config: Any = None,
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer) from a spec. Weights come from safetensors (or GGUF) only, never pickles."""
+    """Load (model, tokenizer) from a spec. Weights come from safetensors (or GGUF) only, never pickles.
+
+    `quantization_config` (e.g. bitsandbytes 4-bit for QLoRA) places the model on `device` while loading.
+    """
     from transformers import AutoModelForCausalLM
 
     set_threads(threads)
@@ -220,6 +224,7 @@ def load_model(
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             revision=revision if src.kind == "hub" else None,
+            **({"quantization_config": quantization_config, "device_map": device} if quantization_config else {}),
         )
     except OSError as e:
         if src.kind == "hub":
@@ -228,7 +233,9 @@ def load_model(
     tokenizer = load_tokenizer(location, trust_remote_code=trust_remote_code)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device).eval()
+    if quantization_config is None:
+        model.to(device)
+    model.eval()
     return model, tokenizer
 
 
