@@ -82,3 +82,12 @@ def embedded():
     from specialize.models import load_model
 
     return load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model, gpt2_style_tokenizer) -> Path:
+    """The tiny model saved as a local model directory, usable as a model spec."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model.save_pretrained(path)
+    gpt2_style_tokenizer.save_pretrained(path)
+    return path
