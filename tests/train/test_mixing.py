@@ -61,7 +61,7 @@ def test_real_superni_mix_has_equal_task_shares(shared_data: Path):
 
 def test_category_filter_selects_sentiment_tasks(shared_data: Path):
     spec = SourceSpec(path=str(shared_data / "superni/tasks"), categories=["Sentiment Analysis"], amount=84)
-    examples, manifest = build_mix([spec], seed=0)
+    _, manifest = build_mix([spec], seed=0)
     per_task = manifest["sources"][0]["per_task"]
     assert len(per_task) == 42 and set(per_task.values()) == {2}
 

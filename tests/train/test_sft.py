@@ -54,7 +54,7 @@ def test_gradient_accumulation_equals_full_batch(tmp_path, tiny_model_dir, share
         a = load_file(str(Path(runs[0].output) / "model.safetensors"))
         b = load_file(str(Path(runs[1].output) / "model.safetensors"))
         assert_close(a, b, atol=1e-6)
-    losses = [[json.loads(x)["loss"] for x in open(Path(r.dir) / "metrics.jsonl")] for r in runs]
+    losses = [[json.loads(x)["loss"] for x in (Path(r.dir) / "metrics.jsonl").read_text().splitlines()] for r in runs]
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
