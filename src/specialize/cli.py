@@ -16,6 +16,7 @@ stages:
   data      inspect instruction datasets (counts, fields, token lengths, rendered prompts)
   generate  complete an instruction with a model
   train     instruction-tune a model: data mix -> stages (generalist, specialist) -> adapter or weights
+  eval      evaluate a base model and adapters on YAML-declared tasks (generation, options, k-shot, CIs)
 """
 
 
@@ -65,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML file, or a preset: " + ", ".join(PRESETS))
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    ev = sub.add_parser("eval", help="evaluate base model and adapters on tasks")
+    ev.add_argument("config", nargs="?", help="eval YAML (optional when --task is given)")
+    ev.add_argument("--task", action="append", default=[], help="catalogue name or task YAML (repeatable)")
+    ev.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="PEFT adapter to evaluate")
+    ev.add_argument("--no-base", action="store_true", help="skip the base model")
+    ev.add_argument("--shots", default=None, help="comma-separated k values, e.g. 0,1,5")
+    ev.add_argument("--limit", type=int, default=None, help="examples per task")
+    ev.add_argument("--out", default=None, help="output directory (default results/eval)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ev.add_argument("--list-tasks", action="store_true", help="list the task catalogue and exit")
+    _add_model_args(ev)
 
     gen = sub.add_parser("generate", help="complete an instruction")
     gen.add_argument("instruction")
@@ -157,6 +170,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from specialize.config import ConfigError, load_config
+    from specialize.eval.harness import EvalConfig, evaluate, print_summary
+    from specialize.eval.tasks import catalogue
+
+    if args.list_tasks:
+        for name, path in sorted(catalogue().items()):
+            print(f"{name:20s} {path.read_text().splitlines()[0].lstrip('# ')}")
+        return 0
+    flags: list[str] = []
+    if args.task:
+        flags.append(f"tasks={json.dumps(args.task)}")
+    adapters = dict(_split_pair(a) for a in args.adapter)
+    if adapters:
+        flags.append(f"adapters={json.dumps(adapters)}")
+    if args.no_base:
+        flags.append("include_base=false")
+    if args.shots:
+        flags.append(f"shots=[{args.shots}]")
+    for key, value in (("limit", args.limit), ("output_dir", args.out)):
+        if value is not None:
+            flags.append(f"{key}={value}")
+    model_flags = [f"model.spec={args.model}", f"model.dtype={args.dtype}", f"model.device={args.device}",
+                   f"template={args.template}"]  # fmt: skip
+    if args.threads:
+        model_flags.append(f"model.threads={args.threads}")
+    if args.config is None and not args.task:
+        raise ConfigError("give an eval config file or at least one --task")
+    # flags given on the command line win over the file; model flags only when no file sets them
+    base = [] if args.config else model_flags
+    cfg = load_config(EvalConfig, args.config, base + flags + args.set)
+    summary = evaluate(cfg)
+    print_summary(summary)
+    print(f"results: {cfg.output_dir}/summary.json, predictions.jsonl, manifest.json")
+    return 0
+
+
+def _split_pair(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name or not value:
+        raise SystemExit(f"{item!r}: expected NAME=DIR")
+    return name, value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from specialize.config import ConfigError
     from specialize.data import DataError
@@ -169,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("data", "inspect"): _cmd_data_inspect,
         ("generate", None): _cmd_generate,
         ("train", None): _cmd_train,
+        ("eval", None): _cmd_eval,
     }
     handler = handlers.get((args.command, getattr(args, "data_command", None)))
     if handler is None:

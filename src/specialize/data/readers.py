@@ -27,6 +27,8 @@ FORMATS = (
     "jsonl", "json", "csv", "parquet",  # generic, with a field mapping
     "alpaca", "lima", "dolly", "self-instruct", "box", "superni",  # dataset families
     "hf-disk", "hf-hub",  # Hugging Face `datasets`
+    # evaluation benchmarks (data/benchmarks.py)
+    "pubmedqa", "pubmedqa-long", "iob-ner", "snli", "commonsenseqa", "aqua", "nq-open", "webquestions", "fpb",
 )  # fmt: skip
 
 
@@ -62,12 +64,12 @@ DOLLY_MAP = FieldMap(input="context", output="response", task="category")
 # Containers: bytes on disk -> located rows
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
     raw = path.read_bytes()
     if path.suffix == ".gz":
         raw = gzip.decompress(raw)
     try:
-        return raw.decode("utf-8")
+        return raw.decode(encoding)
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(path, line, None, f"not valid UTF-8 ({e.reason})") from None
@@ -144,8 +146,8 @@ def _rows_json_array(path: Path, data: Any, lines: list[int] | None) -> Iterator
         yield line, row
 
 
-def _rows_csv(path: Path) -> Iterator[Located]:
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+def _rows_csv(path: Path, encoding: str = "utf-8") -> Iterator[Located]:
+    reader = csv.DictReader(io.StringIO(_read_text(path, encoding), newline=""))
     if not reader.fieldnames:
         raise DataError(path, 1, None, "CSV has no header row")
     for row in reader:
@@ -535,7 +537,7 @@ def read_records(
     if fmt == "hf-hub":
         return _read_hf_hub(str(path), mapping, source, task, skip_invalid, limit, split)
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and fmt != "snli":  # snli names a split: <dir>/dev reads s1.dev, s2.dev, labels.dev
         raise DataError(path, None, None, "no such file or directory")
     fmt = fmt or detect_format(path)
     fmap = mapping if isinstance(mapping, FieldMap) else FieldMap(**(mapping or {}))
@@ -550,6 +552,12 @@ def read_records(
         return res
 
     builder = _Builder(path, fmap, source=name, task=task or "", skip_invalid=skip_invalid)
+    from specialize.data.benchmarks import BENCHMARK_FORMATS, read_benchmark
+
+    if fmt in BENCHMARK_FORMATS:
+        builder.source = source or fmt
+        read_benchmark(path, fmt, builder)
+        return _limited(builder.result, limit)
     rows: Iterator[Located]
     if fmt in ("jsonl", "self-instruct"):
         rows = _rows_jsonl(path)

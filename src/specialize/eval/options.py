@@ -1,0 +1,106 @@
+"""Rank answer options by log-likelihood, computing each prompt once (prefix reuse through the KV cache).
+
+Prompt and option are tokenized separately (the training rule), so a token that would merge across the
+join in a joint tokenization cannot make the option's tokens misalign with the prompt's: the cause of a
+known lm-evaluation-harness failure. Per batch of examples (grouped by prompt length):
+
+  1. one forward over the left-padded prompts, keeping the KV cache and the last position's distribution;
+  2. one forward over every option of every example, each row reading its own example's cached prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from specialize.models import Precision, inference_mode, select_precision
+from specialize.prompts import encode_response
+
+
+@dataclass(frozen=True)
+class OptionScore:
+    option: str
+    logprob: float  # sum over the option's tokens
+    tokens: int
+
+    @property
+    def per_char(self) -> float:
+        """Log-likelihood per byte of the option (lm-evaluation-harness's acc_norm normalization)."""
+        return self.logprob / max(1, len(self.option.encode("utf-8")))
+
+
+def score_options(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    options: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 8,
+    precision: Precision | None = None,
+) -> list[list[OptionScore]]:
+    """Scores of every option of every prompt (prompts already encoded with `encode_prompt`)."""
+    if len(prompts) != len(options):
+        raise ValueError("one list of options per prompt")
+    device = next(model.parameters()).device
+    precision = precision or select_precision("auto", str(device))
+    option_ids = [[encode_response(o, tokenizer) for o in opts] for opts in options]
+    for opts, ids in zip(options, option_ids, strict=True):
+        for o, t in zip(opts, ids, strict=True):
+            if not t:
+                raise ValueError(f"option {o!r} encodes to no tokens")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[OptionScore] | None] = [None] * len(prompts)
+    with inference_mode(model, precision, str(device)):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            results = _score_batch(model, [prompts[i] for i in idx], [option_ids[i] for i in idx], pad, device)
+            for i, logps in zip(idx, results, strict=True):
+                out[i] = [OptionScore(o, lp, len(t)) for o, lp, t in zip(options[i], logps, option_ids[i], strict=True)]
+    return [o for o in out if o is not None]
+
+
+def _score_batch(model, prompts, option_ids, pad, device) -> list[list[float]]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left padding: every prompt ends at the same column
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    first = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=True
+    )
+    first_logp = F.log_softmax(first.logits[:, -1].float(), dim=-1)  # predicts each option's first token
+
+    rows = [(b, t) for b, opts in enumerate(option_ids) for t in opts]
+    owner = torch.tensor([b for b, _ in rows])
+    length = max(len(t) for _, t in rows)
+    opt = torch.full((len(rows), length), pad, dtype=torch.long)
+    opt_mask = torch.zeros_like(opt)
+    for r, (_, t) in enumerate(rows):
+        opt[r, : len(t)] = torch.tensor(t)
+        opt_mask[r, : len(t)] = 1
+    cache = first.past_key_values
+    cache.reorder_cache(owner.to(device))  # row r reads the prefix of its own example
+    prompt_len = mask.sum(-1)[owner]
+    opt_positions = prompt_len[:, None] + torch.arange(length)[None, :]
+    second = model(
+        input_ids=opt.to(device),
+        attention_mask=torch.cat([mask[owner], opt_mask], dim=1).to(device),
+        position_ids=opt_positions.to(device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    later_logp = F.log_softmax(second.logits[:, :-1].float(), dim=-1)  # position j predicts token j + 1
+    scores: list[list[float]] = [[] for _ in option_ids]
+    for r, (b, t) in enumerate(rows):
+        lp = first_logp[b, t[0]].item()
+        if len(t) > 1:
+            lp += later_logp[r, torch.arange(len(t) - 1), torch.tensor(t[1:])].sum().item()
+        scores[b].append(lp)
+    return scores

@@ -1,0 +1,269 @@
+"""Evaluation tasks declared in YAML: where the examples come from, which protocol and metrics apply,
+k-shot demonstrations, paraphrased instructions. A shipped catalogue covers the papers' benchmarks.
+
+Everything here is checked and loaded before any model work, so a bad task file fails fast.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from specialize.config import ConfigError
+from specialize.data import Example, FieldMap, read_records, read_superni_task
+from specialize.eval.metrics import METRICS
+
+
+class KeepIds(BaseModel):
+    """Keep only examples whose `field` (the id, or a metadata field) is listed in `file`."""
+
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    field: str = "id"
+
+
+class TaskData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    format: str | None = None
+    mapping: dict[str, Any] | None = None
+    instruction: str | None = Field(None, description="one instruction for every example (files without one)")
+    split: str = "train"
+    keep_ids: KeepIds | None = None
+
+
+class SuperNISelect(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    tasks: list[str] | None = None
+    categories: list[str] | None = None
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data: TaskData | None = None
+    superni: SuperNISelect | None = None
+    protocol: Literal["generation", "options"] = "generation"
+    metrics: list[str] | None = None
+    options_from: Literal["example", "task"] | None = Field(
+        None, description="example: each example's options; task: the task's distinct reference outputs"
+    )
+    limit: int | None = Field(100, ge=1)
+    sample: Literal["first", "random"] = "first"
+    shots: list[int] | None = None
+    demo_pool: TaskData | None = None
+    max_new_tokens: int = Field(512, ge=1)
+    stop: list[str] = []
+    paraphrases: list[str] = Field(default_factory=list, description="alternative instructions")
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskSpec:
+        if (self.data is None) == (self.superni is None):
+            raise ValueError("give exactly one of `data` or `superni`")
+        unknown = [m for m in self.metrics or [] if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        return self
+
+    @property
+    def metric_names(self) -> list[str]:
+        if self.metrics:
+            return self.metrics
+        return ["accuracy"] if self.protocol == "options" else ["rouge_l", "exact_match"]
+
+
+def catalogue() -> dict[str, Path]:
+    root = resources.files("specialize.eval") / "catalogue"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+
+
+def load_task_spec(
+    ref: str | dict[str, Any] | TaskSpec, data_root: str, overrides: dict[str, Any] | None = None
+) -> TaskSpec:
+    """A catalogue name, a YAML path, or an inline mapping -> validated TaskSpec with `{data_root}` filled in."""
+    where = "<inline task>"
+    if isinstance(ref, TaskSpec):
+        raw: Any = ref.model_dump()
+    elif isinstance(ref, dict):
+        raw = ref
+    else:
+        cat = catalogue()
+        path = cat.get(ref, Path(ref))
+        if not path.is_file():
+            raise ConfigError(f"task {ref!r}: not in the catalogue ({', '.join(sorted(cat))}) and no such file")
+        where = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    raw = _fill(raw, data_root)
+    if overrides:
+        raw = {**raw, **overrides}
+    try:
+        return TaskSpec.model_validate(raw)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{where}: {msgs}") from None
+
+
+def _fill(value: Any, data_root: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{data_root}", data_root)
+    if isinstance(value, dict):
+        return {k: _fill(v, data_root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, data_root) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedTask:
+    """One evaluable unit: a SuperNI selection expands into one LoadedTask per task file."""
+
+    name: str
+    spec: TaskSpec
+    examples: list[Example]
+    demos: list[Example]  # pool for k-shot demonstrations
+    options: list[str] | None = None  # task-level option set (options_from: task)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _read(data: TaskData) -> list[Example]:
+    mapping = FieldMap(**data.mapping) if data.mapping else None
+    result = read_records(data.path, data.format, mapping=mapping, split=data.split)
+    records = result.records
+    if result.skipped:  # evaluation data is never silently thinned out
+        raise ConfigError(f"{data.path}: {result.skip_summary()}")
+    if data.instruction:
+        records = [r.model_copy(update={"instruction": data.instruction}) for r in records]
+    if data.keep_ids:
+        keep = _id_set(Path(data.keep_ids.file))
+        f = data.keep_ids.field
+        records = [r for r in records if str(r.id if f == "id" else r.metadata.get(f)) in keep]
+        if not records:
+            raise ConfigError(f"{data.path}: no example has a {f} listed in {data.keep_ids.file}")
+    return records
+
+
+def _id_set(path: Path) -> set[str]:
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return {str(k) for k in (data.keys() if isinstance(data, dict) else data)}
+    return {line.strip() for line in text.splitlines() if line.strip()}
+
+
+def _select(examples: list[Example], spec: TaskSpec, seed: int) -> list[Example]:
+    if spec.limit is None or len(examples) <= spec.limit:
+        return examples
+    if spec.sample == "first":
+        return examples[: spec.limit]
+    rng = random.Random(f"{seed}:{spec.name}")
+    return [examples[i] for i in sorted(rng.sample(range(len(examples)), spec.limit))]
+
+
+def load_tasks(spec: TaskSpec, seed: int = 0) -> list[LoadedTask]:
+    if spec.superni is not None:
+        return _load_superni(spec, seed)
+    assert spec.data is not None
+    examples = _read(spec.data)
+    pool = _read(spec.demo_pool) if spec.demo_pool else examples
+    chosen = _select(examples, spec, seed)
+    options = None
+    if spec.protocol == "options":
+        options = _task_options(examples) if spec.options_from == "task" else None
+        missing = [e.id for e in chosen if options is None and not e.options]
+        if missing:
+            raise ConfigError(f"task {spec.name}: examples without options ({missing[:3]}); set options_from: task")
+    return [LoadedTask(spec.name, spec, chosen, pool, options)]
+
+
+def _task_options(examples: list[Example]) -> list[str]:
+    """A classification task's answer set: the distinct reference outputs of its examples."""
+    return sorted({ref for e in examples for ref in e.references})
+
+
+def _load_superni(spec: TaskSpec, seed: int) -> list[LoadedTask]:
+    sel = spec.superni
+    assert sel is not None
+    root = Path(sel.path)
+    files = sorted(root.glob("*.json.gz")) + sorted(root.glob("*.json"))
+    by_name = {f.name.removesuffix(".gz").removesuffix(".json"): f for f in files}
+    names = sel.tasks or sorted(by_name)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(f"task {spec.name}: unknown SuperNI tasks {unknown[:5]} in {root}")
+    loaded = []
+    for name in names:
+        t = read_superni_task(by_name[name])
+        if sel.categories and not set(sel.categories) & set(t.categories):
+            continue
+        examples = t.instances.records
+        per_task = spec.model_copy(update={"name": name})
+        options = _task_options(examples) if spec.protocol == "options" else None
+        loaded.append(
+            LoadedTask(
+                name,
+                per_task,
+                _select(examples, per_task, seed),
+                t.positive_examples,
+                options,
+                {"categories": t.categories, "group": spec.name},
+            )
+        )
+    if not loaded:
+        raise ConfigError(f"task {spec.name}: no SuperNI task matches {sel.categories or sel.tasks}")
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def with_demos(example: Example, demos: list[Example], k: int, seed: int) -> Example:
+    """The example with k demonstrations prepended to its instruction; never the example itself."""
+    if k == 0:
+        return example
+    pool = [d for d in demos if d.id != example.id and (d.input, d.output) != (example.input, example.output)]
+    if len(pool) < k:
+        raise ConfigError(f"{example.task or example.source}: only {len(pool)} demonstrations for k={k}")
+    rng = random.Random(f"{seed}:{example.id}:{k}")
+    shots = rng.sample(pool, k)
+    blocks = [
+        f"Example {i + 1}:\nInput: {d.input}\nOutput: {d.output}"
+        if d.input
+        else f"Example {i + 1}:\nOutput: {d.output}"
+        for i, d in enumerate(shots)
+    ]
+    instruction = example.instruction + "\n\n" + "\n\n".join(blocks)
+    return example.model_copy(
+        update={"instruction": instruction, "metadata": {**example.metadata, "demo_ids": [d.id for d in shots]}}
+    )
+
+
+def with_instruction(example: Example, instruction: str | None) -> Example:
+    return example if instruction is None else example.model_copy(update={"instruction": instruction})
+
+
+def read_split_file(path: str | Path) -> dict[str, str]:
+    """Task -> "train" / "heldout". YAML {train: [...], heldout: [...]}, or a text file of held-out task names."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such split file")
+    if path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict) or set(data) - {"train", "heldout"}:
+            raise ConfigError(f"{path}: expected keys train and/or heldout")
+        return {t: split for split in ("train", "heldout") for t in data.get(split, [])}
+    return {line.strip(): "heldout" for line in path.read_text().splitlines() if line.strip()}

@@ -1,0 +1,54 @@
+"""Option scoring with a shared prefix equals scoring each (prompt, option) pair on its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specialize.data import Example
+from specialize.eval.loglik import response_logliks
+from specialize.eval.options import score_options
+from specialize.models import Precision
+from specialize.prompts import AlpacaTemplate, encode_prompt, render_prompt
+
+FP32 = Precision(torch.float32, None)
+T = AlpacaTemplate()
+
+
+def _check(model, tok, examples, options):
+    prompts = [encode_prompt(render_prompt(e, T), T, tok) for e in examples]
+    got = score_options(model, tok, prompts, options, batch_size=2, precision=FP32)
+    for e, opts, scores in zip(examples, options, got, strict=True):
+        ref = response_logliks(model, tok, [e] * len(opts), T, opts, precision=FP32)
+        assert [s.option for s in scores] == opts
+        for s, r in zip(scores, ref, strict=True):
+            assert s.tokens == r.tokens
+            assert s.logprob == pytest.approx(r.total, abs=1e-4)
+
+
+def test_prefix_reuse_matches_independent_scoring(tiny_model, gpt2_style_tokenizer):
+    examples = [
+        Example(id="a", instruction="Classify the sentiment.", input="Great food!", output="positive"),
+        Example(id="b", instruction="Why?", output="x"),
+        Example(id="c", instruction="Pick one of the options for this longer question please.", output="y"),
+    ]
+    options = [["positive", "negative", "neutral"], ["Because the sky is blue.", "no"], ["a", "b", "c", "d", "e"]]
+    _check(tiny_model, gpt2_style_tokenizer, examples, options)
+
+
+def test_embedded_model_boundary_tokens(embedded):
+    """Prompts ending in a space and options starting with punctuation or a space: the joint text would
+    merge tokens across the join; separate tokenization keeps the option's tokens intact and scorable."""
+    model, tok = embedded
+    e = Example(id="q", instruction="Answer with a word.", input="The capital of France is ", output="Paris")
+    options = [["Paris", "  Paris", "\n\nParis", ".Paris", "París"]]
+    _check(model, tok, [e], options)
+    for option in ("  Paris", "\n\nParis"):  # the prompt's final newline merges with these in a joint encoding
+        joint = tok(render_prompt(e, T) + option)["input_ids"]
+        separate = encode_prompt(render_prompt(e, T), T, tok) + tok(option, add_special_tokens=False)["input_ids"]
+        assert joint != separate
+
+
+def test_empty_option_rejected(tiny_model, gpt2_style_tokenizer):
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        score_options(tiny_model, gpt2_style_tokenizer, [[1, 2, 3]], [["", "x"]])
