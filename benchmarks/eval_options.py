@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fp32", action="store_true", help="both in float32 (isolates bf16 rounding from the method)")
     args = ap.parse_args()
 
     from lm_eval import simple_evaluate
@@ -58,7 +59,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model, tok = load_model("embedded", threads=args.threads)
-    precision = Precision(torch.float32, torch.bfloat16)
+    precision = Precision(torch.float32, None if args.fp32 else torch.bfloat16)
     [task] = load_tasks(load_task_spec("commonsenseqa", str(SHARED), {"limit": args.limit}))
     t = AlpacaTemplate()
     prompts = [render_prompt(e, t) for e in task.examples]
@@ -83,14 +84,15 @@ def main() -> None:
         (Path(d) / "task.yaml").write_text(TASK_YAML.format(data=data))
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch)
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
             out = simple_evaluate(model=lm, tasks=["specialize_bench_mc"], task_manager=TaskManager(include_path=d),
                                   log_samples=False)  # fmt: skip
         theirs_s = time.perf_counter() - start
     res = out["results"]["specialize_bench_mc"]
     theirs_acc, theirs_norm = 100 * res["acc,none"], 100 * res["acc_norm,none"]
     n = len(prompts)
-    print(f"CommonsenseQA dev, {n} examples x 5 options, batch {args.batch}, {args.threads} threads, bf16 autocast")
+    mode = "float32" if args.fp32 else "bf16 autocast"
+    print(f"CommonsenseQA dev, {n} examples x 5 options, batch {args.batch}, {args.threads} threads, {mode}")
     print(f"specialize: {n / ours_s:6.2f} ex/s  acc {ours_acc:.2f}  acc_norm {ours_norm:.2f}")
     print(f"lm-eval   : {n / theirs_s:6.2f} ex/s  acc {theirs_acc:.2f}  acc_norm {theirs_norm:.2f}")
     print(f"speed ratio {theirs_s / ours_s:.2f}x; accuracy difference {ours_acc - theirs_acc:+.2f} points "
