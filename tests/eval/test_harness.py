@@ -24,7 +24,7 @@ def tiny_tasks(tmp_path: Path) -> list[dict]:
         {"name": "yn_options", "data": {"path": str(path)}, "protocol": "options", "shots": [0, 1],
          "paraphrases": ["Reply with yes or no.", "Say yes or no."]},
         {"name": "yn_generate", "data": {"path": str(path)}, "protocol": "generation", "max_new_tokens": 4,
-         "metrics": ["exact_match", "rouge_l"], "limit": 4},
+         "metrics": ["exact_match", "rouge_l"], "limit": 4, "generate_paraphrases": 1},
     ]  # fmt: skip
 
 
@@ -53,8 +53,10 @@ def test_counts_scores_aggregates_and_manifest(tmp_path, tiny_model_dir, tiny_ta
     )  # fmt: skip
     summary = evaluate(cfg, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
-    # 2 models x (options: 6 examples x 2 k x 3 instructions + generation: 4 examples)
-    assert len(rows) == 2 * (6 * 2 * 3 + 4)
+    # 2 models x (options: 6 examples x 2 k x 3 instructions + generation: 4 examples x 2 instructions)
+    assert len(rows) == 2 * (6 * 2 * 3 + 4 * 2)
+    [written] = summary["generated_paraphrases"]["yn_generate"]
+    assert written and written != "Answer yes or no."
     assert {r["model"] for r in rows} == {"base", "tuned"}
     for r in rows:
         assert all(0.0 <= v <= 100.0 for v in r["scores"].values())
@@ -69,7 +71,8 @@ def test_counts_scores_aggregates_and_manifest(tmp_path, tiny_model_dir, tiny_ta
         if s["task"] == "yn_options":
             assert s["majority_baseline"] == 50.0
     assert {(r["model"], r["task"]) for r in summary["kshot"]} == {("base", "yn_options"), ("tuned", "yn_options")}
-    assert all(p["n_instructions"] == 3 and p["spread"] >= 0 for p in summary["paraphrase"])
+    assert {(p["task"], p["n_instructions"]) for p in summary["paraphrase"]} == {("yn_options", 3), ("yn_generate", 2)}
+    assert all(p["spread"] >= 0 for p in summary["paraphrase"])
     assert {s["split"] for s in summary["splits"]} == {"train", "heldout"}
     assert {c["task"] for c in summary["comparisons"]} == {"yn_options", "yn_generate"}
     # the adapter really changes predictions (it is applied), and the base really is the base

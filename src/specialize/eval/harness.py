@@ -122,6 +122,35 @@ def _score(task: LoadedTask, example: Example, pred: dict[str, Any]) -> dict[str
     return scores
 
 
+PARAPHRASE_PROMPT = (
+    "Rewrite the following task instruction in different words. Keep its meaning and every requirement; "
+    "reply with the rewritten instruction only.\n\nInstruction: {instruction}"
+)
+
+
+def generate_paraphrases(model: Any, tokenizer: Any, template: Any, task: LoadedTask, seed: int) -> list[str]:
+    """N paraphrases of a task's (single) instruction, sampled from the model with the generation backend."""
+    from specialize.generation import SamplingParams, generate
+
+    instructions = {e.instruction for e in task.examples}
+    if len(instructions) != 1:
+        raise ConfigError(
+            f"task {task.name}: generate_paraphrases needs one shared instruction, found {len(instructions)}"
+        )
+    [instruction] = instructions
+    prompt = template.render(PARAPHRASE_PROMPT.format(instruction=instruction))
+    out: list[str] = []
+    for i in range(task.spec.generate_paraphrases * 3):  # resample empty or duplicate rewrites, within a bound
+        params = SamplingParams(max_new_tokens=128, temperature=0.8, top_p=0.95, seed=seed + i, stop=("\n\n",))
+        [c] = generate(model, tokenizer, [prompt], template, params)
+        text = c.text.strip()
+        if text and text != instruction and text not in out:
+            out.append(text)
+        if len(out) == task.spec.generate_paraphrases:
+            return out
+    raise RuntimeError(f"task {task.name}: the model wrote only {len(out)} usable paraphrases")
+
+
 def _model_variants(cfg: EvalConfig, base: Any) -> Iterator[tuple[str, Any]]:
     if cfg.include_base:
         yield "base", base
@@ -150,6 +179,11 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
         revision=m.revision,
     )
     template = get_template(cfg.template, tokenizer)
+    generated: dict[str, list[str]] = {}
+    for task in tasks:  # written once by the base model, then shared by every evaluated model
+        if task.spec.generate_paraphrases:
+            generated[task.name] = generate_paraphrases(base, tokenizer, template, task, cfg.seed)
+            task.spec = task.spec.model_copy(update={"paraphrases": task.spec.paraphrases + generated[task.name]})
     units = list(_units(tasks, cfg.shots))
     n_models = int(cfg.include_base) + len(cfg.adapters)
     rows: list[dict[str, Any]] = []
@@ -181,6 +215,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
                     )
                 bar.advance(job)
     summary = summarize(rows, tasks, splits, cfg)
+    summary["instructions"] = {t.name: t.spec.paraphrases for t in tasks if t.spec.paraphrases}
+    summary["generated_paraphrases"] = generated
     out = Path(cfg.output_dir)
     with atomic_path(out / "predictions.jsonl") as tmp, tmp.open("w") as f:
         for r in rows:

@@ -64,6 +64,7 @@ class TaskSpec(BaseModel):
     max_new_tokens: int = Field(512, ge=1)
     stop: list[str] = []
     paraphrases: list[str] = Field(default_factory=list, description="alternative instructions")
+    generate_paraphrases: int = Field(0, ge=0, description="also have the evaluated model write N paraphrases")
 
     @model_validator(mode="after")
     def _check(self) -> TaskSpec:
