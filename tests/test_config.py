@@ -40,3 +40,18 @@ def test_bad_override_and_missing_file(tmp_path: Path):
         load_config(ModelConfig, tmp_path / "none.yaml")
     with pytest.raises(ConfigError, match="threads: Input should be greater than or equal to 1"):
         load_config(ModelConfig, None, ["threads=0"])
+
+
+def test_override_of_a_nested_default_keeps_its_other_defaults():
+    from pydantic import BaseModel
+
+    class Inner(BaseModel):
+        a: int = 1
+        b: float = 0.5
+
+    class Outer(BaseModel):
+        name: str
+        inner: Inner = Inner(a=7, b=0.9)  # non-trivial defaults of the submodel
+
+    cfg = load_config(Outer, None, ["name=x", "inner.a=3"])
+    assert cfg.inner == Inner(a=3, b=0.9)

@@ -17,6 +17,7 @@ stages:
   generate  complete an instruction with a model
   train     instruction-tune a model: data mix -> stages (generalist, specialist) -> adapter or weights
   eval      evaluate a base model and adapters on YAML-declared tasks (generation, options, k-shot, CIs)
+  synth     self-specialization: seeds -> generated instructions -> retrieval-grounded responses -> adapter
 """
 
 
@@ -78,6 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ev.add_argument("--list-tasks", action="store_true", help="list the task catalogue and exit")
     _add_model_args(ev)
+
+    syn = sub.add_parser("synth", help="self-specialization data (and adapter) from seeds and a domain corpus")
+    syn.add_argument("config", nargs="?", help="synth YAML (flags below override it)")
+    syn.add_argument("--domain", default=None, help="e.g. biomedical, financial")
+    syn.add_argument("--seeds", default=None, help="seed examples (any reader format; BoX JSON, seed_tasks.jsonl ...)")
+    syn.add_argument("--corpus", default=None, help="unlabeled domain corpus JSONL {id, text}")
+    syn.add_argument("--num", type=int, default=None, help="instructions to keep after filtering")
+    syn.add_argument("--retrieval", choices=["marginalize", "top1", "none"], default=None)
+    syn.add_argument("--top-k", type=int, default=None)
+    syn.add_argument("--adapter", default=None, help="generate with this specialized adapter (iteration 2)")
+    syn.add_argument("--contrastive", action="store_true", help="contrastive decoding against the base (eq. 3)")
+    syn.add_argument("--iteration", type=int, default=None)
+    syn.add_argument("--out", default=None, help="output directory")
+    syn.add_argument("--train", action="store_true", help="then tune a LoRA specialist on the data")
+    syn.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override the self_specialization_lora training preset")  # fmt: skip
+    syn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _add_model_args(syn)
 
     gen = sub.add_parser("generate", help="complete an instruction")
     gen.add_argument("instruction")
@@ -207,6 +226,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from specialize.config import load_config
+    from specialize.synth.pipeline import SynthConfig, run_synth
+
+    flags = [] if args.config else [f"model.spec={args.model}", f"model.dtype={args.dtype}"]
+    if args.threads:
+        flags.append(f"model.threads={args.threads}")
+    for key, value in (("domain", args.domain), ("seeds", args.seeds), ("corpus", args.corpus), ("num", args.num),
+                       ("retrieval", args.retrieval), ("top_k", args.top_k), ("adapter", args.adapter),
+                       ("iteration", args.iteration), ("output_dir", args.out)):  # fmt: skip
+        if value is not None:
+            flags.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.contrastive:
+        flags.append("contrastive=true")
+    cfg = load_config(SynthConfig, args.config, flags + args.set)
+    data = run_synth(cfg)
+    print(f"data: {data} (stats: {data.parent / 'stats.json'}, {data.parent / 'stats.png'})")
+    if args.train:
+        from specialize.train import load_train_config, run_training
+
+        train_cfg = load_train_config(
+            "self_specialization_lora",
+            [f"model.spec={json.dumps(cfg.model.spec)}", f"stages.0.sources.0.path={json.dumps(str(data))}",
+             f"output_dir={json.dumps(str(data.parent / 'specialist'))}", *args.train_set],
+        )  # fmt: skip
+        [result] = run_training(train_cfg)
+        print(f"adapter: {result.output}")
+    return 0
+
+
 def _split_pair(item: str) -> tuple[str, str]:
     name, sep, value = item.partition("=")
     if not sep or not name or not value:
@@ -227,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("generate", None): _cmd_generate,
         ("train", None): _cmd_train,
         ("eval", None): _cmd_eval,
+        ("synth", None): _cmd_synth,
     }
     handler = handlers.get((args.command, getattr(args, "data_command", None)))
     if handler is None:

@@ -59,6 +59,30 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _defaults(cls: type[BaseModel]) -> dict[str, Any]:
+    """Every field's default, as plain data (submodels dumped, so their own defaults are visible)."""
+    out: dict[str, Any] = {}
+    for name, field in cls.model_fields.items():
+        if field.is_required():
+            continue
+        value = field.get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            out[name] = value.model_dump(mode="json")
+        elif isinstance(value, dict | list):
+            out[name] = copy.deepcopy(value)
+    return out
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Validate YAML (optional) + overrides into `cls`; errors name the file and the key path."""
     data: dict[str, Any] = {}
@@ -76,7 +100,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = loaded or {}
-    data = apply_overrides(data, overrides or [])
+    if overrides:
+        # patch the config over its defaults, so `a.b=1` keeps the other defaults of a submodel `a`
+        data = apply_overrides(_deep_merge(_defaults(cls), data), overrides)
     try:
         return cls.model_validate(data)
     except ValidationError as e:

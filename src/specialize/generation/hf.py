@@ -31,7 +31,7 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
 
@@ -83,6 +83,6 @@ def generate(
             ended = eos in new
             if ended:
                 new = new[: new.index(eos)]
-            text, stopped = _cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), params.stop)
+            text, stopped = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), params.stop)
             results[i] = Completion(text, tuple(new), "stop" if ended or stopped else "length")
     return [r for r in results if r is not None]

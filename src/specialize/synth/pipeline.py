@@ -1,0 +1,319 @@
+"""Self-specialization, one readable flow: seeds -> instructions -> filters -> retrieval -> responses -> data.
+
+    specialize synth --domain biomedical --seeds BoX_instructions.json --corpus corpus.jsonl.gz --num 200
+
+Resumable by construction. Every model call writes one JSON line to an append-only log (instruction batches
+to `instructions.log.jsonl`, response batches to `responses.log.jsonl`), and each batch is a pure function of
+(config, batch index): its demos and its sampling seed derive from them. A rerun replays the logs (a line
+cut off by a kill is dropped), rebuilds the filtered pool exactly, and continues with the next batch, so the
+final `data.jsonl` equals an uninterrupted run's. The output directory is keyed by a hash of the config
+(model, adapter, prompts, sampling parameters): reusing it with another config is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from specialize import models
+from specialize.config import ConfigError, ModelConfig
+from specialize.data import Example, read_records, write_jsonl
+from specialize.generation.decoding import generate_mixture, retrieval_weights
+from specialize.generation.hf import SamplingParams
+from specialize.io import atomic_write_text
+from specialize.prompts import encode_prompt
+from specialize.synth.filters import RougePool, heuristic_reject
+from specialize.synth.prompts import (
+    INSTRUCTION_PROMPT,
+    RESPONSE_PREAMBLE,
+    ExpertTemplate,
+    instruction_prompt,
+    parse_generated,
+)
+
+
+class SynthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    domain: str = "biomedical"
+    model: ModelConfig = ModelConfig()
+    adapter: str | None = Field(None, description="generate with a specialized adapter (iteration >= 2)")
+    contrastive: bool = Field(False, description="with an adapter: contrastive decoding against the base (eq. 3)")
+    alpha: float = Field(0.1, gt=0, le=1, description="plausibility cutoff of contrastive decoding")
+    iteration: int = Field(1, ge=1)
+    seeds: str
+    seeds_format: str | None = None
+    seeds_per_task: int = Field(5, ge=1)
+    corpus: str | None = None
+    retrieval: Literal["marginalize", "top1", "none"] = "marginalize"
+    top_k: int = Field(5, ge=1)
+    num: int = Field(200, ge=1, description="instructions to keep after filtering")
+    demos_per_prompt: int = Field(3, ge=1)
+    list_size: int = Field(20, ge=2, description="the n of 'come up with n tasks'")
+    batch_size: int = Field(8, ge=1, description="prompts per generation batch")
+    max_batches: int = Field(500, ge=1, description="bound on instruction-generation batches")
+    instruction_sampling: SamplingParams = SamplingParams(max_new_tokens=512, temperature=1.0, top_p=0.98)
+    # a new "###" section means the answer is over (models continue the Alpaca layout otherwise)
+    response_sampling: SamplingParams = SamplingParams(max_new_tokens=256, temperature=0.0, stop=("###",))
+    rouge_threshold: float = Field(0.7, gt=0, le=1)
+    min_words: int = 3
+    max_words: int = 150
+    instruction_prompt_file: str | None = None
+    response_prompt_file: str | None = None
+    seed: int = 0
+    output_dir: str = "runs/synth"
+
+    def fingerprint(self) -> str:
+        blob = self.model_dump(mode="json", exclude={"output_dir", "num", "max_batches"})
+        blob["model_info"] = {k: v for k, v in models.describe(self.model.spec).items() if k != "location"}
+        if self.adapter:
+            blob["adapter_sha256"] = models.file_sha256(Path(self.adapter) / "adapter_model.safetensors")
+        for key in ("instruction_prompt_file", "response_prompt_file"):
+            if blob[key]:
+                blob[key + "_text"] = Path(blob[key]).read_text()
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- logs
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Complete lines of an append-only log; a trailing partial line (killed mid-write) is cut off."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    keep = raw[: raw.rfind(b"\n") + 1]
+    if len(keep) != len(raw):
+        with path.open("r+b") as f:
+            f.truncate(len(keep))
+    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+
+
+def append_log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def load_seeds(cfg: SynthConfig) -> list[Example]:
+    """At most `seeds_per_task` examples per task, in file order."""
+    result = read_records(cfg.seeds, cfg.seeds_format)
+    per_task: Counter[str] = Counter()
+    seeds = []
+    for r in result.records:
+        key = r.task or r.source
+        if per_task[key] < cfg.seeds_per_task:
+            seeds.append(r)
+            per_task[key] += 1
+    if len(seeds) < cfg.demos_per_prompt:
+        raise ConfigError(f"{cfg.seeds}: {len(seeds)} seeds, fewer than demos_per_prompt={cfg.demos_per_prompt}")
+    return seeds
+
+
+def _batch_plan(cfg: SynthConfig, seeds: list[Example], batch: int) -> tuple[list[list[Example]], int]:
+    """Demos of each prompt in a batch, and the batch's sampling seed: pure functions of (seed, batch)."""
+    rng = random.Random(f"{cfg.seed}:instructions:{batch}")
+    demos = [rng.sample(seeds, cfg.demos_per_prompt) for _ in range(cfg.batch_size)]
+    return demos, rng.randrange(2**31)
+
+
+class Pool:
+    """Accepted instructions in order, with filter accounting; replaying the same batches rebuilds it exactly."""
+
+    def __init__(self, cfg: SynthConfig, seeds: list[Example]):
+        self.cfg = cfg
+        self.rouge = RougePool(cfg.rouge_threshold)
+        self.seen: set[str] = set()
+        for s in seeds:  # new instructions must also differ from the seeds
+            self.rouge.add(s.instruction)
+            self.seen.add(s.instruction.strip().lower())
+        self.items: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
+
+    def offer_batch(self, record: dict[str, Any]) -> None:
+        for p, out in enumerate(record["outputs"]):
+            first = self.cfg.demos_per_prompt + 1
+            parsed, counts = parse_generated(out["text"], first, truncated=out["finish_reason"] == "length")
+            self.counts.update({f"parse_{k}": v for k, v in counts.items()})
+            for i, item in enumerate(parsed):
+                if len(self.items) >= self.cfg.num:
+                    self.counts["beyond_target"] += 1
+                    continue
+                self.counts["parsed"] += 1
+                reason = heuristic_reject(item.instruction, min_words=self.cfg.min_words, max_words=self.cfg.max_words)
+                key = item.instruction.strip().lower()
+                if reason is None and key in self.seen:
+                    reason = "exact_duplicate"
+                if reason is None and self.rouge.near_duplicate(item.instruction):
+                    reason = "rouge_near_duplicate"
+                if reason is not None:
+                    self.counts[f"rejected_{reason}"] += 1
+                    continue
+                self.rouge.add(item.instruction)
+                self.seen.add(key)
+                self.counts["kept"] += 1
+                self.items.append({
+                    "id": f"it{self.cfg.iteration}-b{record['batch']:04d}-p{p:02d}-i{i:02d}",
+                    "instruction": item.instruction, "input": item.input, "demo_ids": out["demo_ids"],
+                    "batch": record["batch"], "sampling_seed": record["sampling_seed"], "generated_at": record["time"],
+                })  # fmt: skip
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.cfg.num
+
+
+def _amateur(model: Any, cfg: SynthConfig):
+    """The base model as contrastive 'amateur': the same weights with the adapter switched off."""
+    if not (cfg.adapter and cfg.contrastive):
+        return None
+    return model.disable_adapter
+
+
+def generate_instructions(
+    cfg: SynthConfig, model: Any, tokenizer: Any, seeds: list[Example], out: Path, progress
+) -> Pool:
+    log = out / "instructions.log.jsonl"
+    template_text = Path(cfg.instruction_prompt_file).read_text() if cfg.instruction_prompt_file else INSTRUCTION_PROMPT
+    pool = Pool(cfg, seeds)
+    done = read_log(log)
+    for record in done:
+        pool.offer_batch(record)
+    task = progress.add_task("instructions", total=cfg.num, completed=len(pool.items))
+    batch = len(done)
+    while not pool.full:
+        if batch >= cfg.max_batches:
+            raise RuntimeError(f"{cfg.max_batches} batches gave only {len(pool.items)} of {cfg.num} instructions")
+        demos, sampling_seed = _batch_plan(cfg, seeds, batch)
+        prompts = [instruction_prompt(cfg.domain, d, cfg.list_size, template_text) for d in demos]
+        ids = [[tokenizer(p)["input_ids"]] for p in prompts]  # raw text continuation: no chat/Alpaca wrapper
+        params = cfg.instruction_sampling.model_copy(update={"seed": sampling_seed})
+        decoded = generate_mixture(model, tokenizer, ids, [[1.0]] * len(ids), params,
+                                   amateur=_amateur(model, cfg), alpha=cfg.alpha)  # fmt: skip
+        record = {
+            "batch": batch, "sampling_seed": sampling_seed, "time": time.time(),
+            "outputs": [{"demo_ids": [x.id for x in d], "text": o.text,
+                         "finish_reason": o.finish_reason} for d, o in zip(demos, decoded, strict=True)],
+        }  # fmt: skip
+        append_log(log, record)
+        pool.offer_batch(record)
+        progress.update(task, completed=len(pool.items))
+        batch += 1
+    return pool
+
+
+def generate_responses(
+    cfg: SynthConfig, model: Any, tokenizer: Any, pool: Pool, out: Path, progress
+) -> dict[str, dict]:
+    from specialize.synth.retrieval import Retriever
+
+    log = out / "responses.log.jsonl"
+    done = {r["id"]: r for rec in read_log(log) for r in rec["items"]}
+    todo = [it for it in pool.items if it["id"] not in done]
+    retriever = Retriever.build(cfg.corpus, out / "index") if cfg.corpus and cfg.retrieval != "none" else None
+    k = 1 if cfg.retrieval in ("top1", "none") else cfg.top_k
+    task = progress.add_task("responses", total=len(pool.items), completed=len(done))
+    preamble = Path(cfg.response_prompt_file).read_text() if cfg.response_prompt_file else RESPONSE_PREAMBLE
+    for start in range(0, len(todo), cfg.batch_size):
+        items = todo[start : start + cfg.batch_size]
+        hits = (
+            retriever.search([f"{it['instruction']} {it['input']}" for it in items], k)
+            if retriever
+            else [[]] * len(items)
+        )
+        contexts, weights = [], []
+        for it, hs in zip(items, hits, strict=True):
+            docs = [h.text for h in hs] or [None]
+            templates = [ExpertTemplate(cfg.domain, d, preamble) for d in docs]
+            contexts.append([encode_prompt(t.render(it["instruction"], it["input"]), t, tokenizer) for t in templates])
+            weights.append(retrieval_weights([h.score for h in hs]) if hs else [1.0])
+        seed = random.Random(f"{cfg.seed}:responses:{items[0]['id']}").randrange(2**31)
+        params = cfg.response_sampling.model_copy(update={"seed": seed})
+        decoded = generate_mixture(model, tokenizer, contexts, weights, params, amateur=_amateur(model, cfg),
+                                   alpha=cfg.alpha)  # fmt: skip
+        record = {"time": time.time(), "items": [
+            {"id": it["id"], "output": o.text.strip(),
+             "finish_reason": o.finish_reason, "docs": [h.doc_id for h in hs],
+             "doc_scores": [h.score for h in hs], "weights": w, "sampling_seed": seed}
+            for it, o, hs, w in zip(items, decoded, hits, weights, strict=True)]}  # fmt: skip
+        append_log(log, record)
+        for r in record["items"]:
+            done[r["id"]] = {**r, "generated_at": record["time"]}
+        progress.update(task, completed=len(done))
+    return done
+
+
+def assemble(cfg: SynthConfig, pool: Pool, responses: dict[str, dict]) -> tuple[list[Example], Counter]:
+    model_info = models.describe(cfg.model.spec)
+    adapter_hash = models.file_sha256(Path(cfg.adapter) / "adapter_model.safetensors") if cfg.adapter else None
+    examples, counts = [], Counter()
+    for it in pool.items:
+        r = responses[it["id"]]
+        if not r["output"]:
+            counts["rejected_empty_response"] += 1
+            continue
+        examples.append(Example(
+            id=it["id"], instruction=it["instruction"], input=it["input"], output=r["output"],
+            task=f"synth-{cfg.domain}", source=f"self-specialization-it{cfg.iteration}",
+            metadata={"provenance": {
+                "seed_demo_ids": it["demo_ids"], "instruction_batch": it["batch"],
+                "instruction_sampling": {**cfg.instruction_sampling.model_dump(), "seed": it["sampling_seed"]},
+                "response_sampling": {**cfg.response_sampling.model_dump(), "seed": r["sampling_seed"]},
+                "retrieval": cfg.retrieval, "docs": r["docs"], "doc_scores": r["doc_scores"], "weights": r["weights"],
+                "response_finish_reason": r["finish_reason"], "model": {k: v for k, v in model_info.items()
+                                                                        if k != "location"},
+                "adapter_sha256": adapter_hash, "contrastive": cfg.contrastive and bool(cfg.adapter),
+                "iteration": cfg.iteration,
+            }, "timestamps": {"instruction": it["generated_at"], "response": r["generated_at"]}},
+        ))  # fmt: skip
+    return examples, counts
+
+
+def run_synth(cfg: SynthConfig, *, progress: bool = True) -> Path:
+    """Run (or resume) the whole flow; returns the path of `data.jsonl`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from specialize.synth.stats import write_stats
+
+    if cfg.retrieval != "none" and not cfg.corpus:
+        raise ConfigError("retrieval needs a corpus (or set retrieval: none)")
+    if cfg.contrastive and not cfg.adapter:
+        raise ConfigError("contrastive decoding needs an adapter (the specialized model) to contrast with the base")
+    out = Path(cfg.output_dir)
+    seeds = load_seeds(cfg)
+    fingerprint = cfg.fingerprint()
+    meta = out / "config.json"
+    if meta.is_file() and json.loads(meta.read_text())["fingerprint"] != fingerprint:
+        raise ConfigError(f"{out} holds a run with a different config; use another output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta, json.dumps({"fingerprint": fingerprint, "config": cfg.model_dump(mode="json")}, indent=1))
+    write_jsonl(seeds, out / "seeds.jsonl")
+
+    m = cfg.model
+    model, tokenizer = models.load_model(m.spec, dtype=m.dtype, device=m.device, threads=m.threads,
+                                         trust_remote_code=m.trust_remote_code, revision=m.revision)  # fmt: skip
+    if cfg.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.adapter)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        pool = generate_instructions(cfg, model, tokenizer, seeds, out, bar)
+        responses = generate_responses(cfg, model, tokenizer, pool, out, bar)
+    examples, counts = assemble(cfg, pool, responses)
+    data = out / "data.jsonl"
+    write_jsonl(examples, data)
+    write_stats(out, pool.counts + counts, examples)
+    return data
