@@ -66,6 +66,25 @@ def rouge_f(lcs: int, n_candidate: int, n_other: int) -> float:
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
+class _Postings:
+    """Growable (instruction index, token count) arrays of one token: amortized O(1) appends, zero-copy views."""
+
+    def __init__(self) -> None:
+        self._docs = np.empty(4, dtype=np.int64)
+        self._counts = np.empty(4, dtype=np.int64)
+        self._n = 0
+
+    def append(self, doc: int, count: int) -> None:
+        if self._n == len(self._docs):
+            self._docs = np.resize(self._docs, 2 * self._n)
+            self._counts = np.resize(self._counts, 2 * self._n)
+        self._docs[self._n], self._counts[self._n] = doc, count
+        self._n += 1
+
+    def view(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._docs[: self._n], self._counts[: self._n]
+
+
 @dataclass
 class RougePool:
     """Instructions accepted so far, indexed for fast exact near-duplicate checks."""
@@ -75,7 +94,7 @@ class RougePool:
     _vocab: dict[str, int] = field(default_factory=dict, repr=False)
     _tokens: list[list[int]] = field(default_factory=list, repr=False)
     _lengths: list[int] = field(default_factory=list, repr=False)
-    _postings: dict[int, list[tuple[int, int]]] = field(default_factory=lambda: defaultdict(list), repr=False)
+    _postings: dict[int, _Postings] = field(default_factory=lambda: defaultdict(_Postings), repr=False)
     lcs_computed: int = 0
 
     def __len__(self) -> int:
@@ -91,8 +110,10 @@ class RougePool:
             return False
         overlap = np.zeros(len(self._tokens), dtype=np.int64)
         for tok, count in Counter(cand).items():
-            for j, c in self._postings.get(tok, ()):
-                overlap[j] += min(count, c)
+            post = self._postings.get(tok)
+            if post is not None:  # each entry appears once per posting list, so fancy-index += is exact
+                docs, counts = post.view()
+                overlap[docs] += np.minimum(counts, count)
         lengths = np.asarray(self._lengths)
         bound = 2 * overlap / (len(cand) + lengths)  # >= the F-measure of every pair
         hopeful = np.flatnonzero(bound >= self.threshold - 1e-9)
@@ -108,7 +129,7 @@ class RougePool:
         self._tokens.append(ids)
         self._lengths.append(len(ids))
         for tok, c in Counter(ids).items():
-            self._postings[tok].append((j, c))
+            self._postings[tok].append(j, c)
 
     def offer(self, text: str) -> bool:
         """Add `text` unless it is a near-duplicate (max rougeL >= threshold) of the pool; True if added."""

@@ -220,7 +220,7 @@ def generate_responses(
     from specialize.synth.retrieval import Retriever
 
     log = out / "responses.log.jsonl"
-    done = {r["id"]: r for rec in read_log(log) for r in rec["items"]}
+    done = {r["id"]: {**r, "generated_at": rec["time"]} for rec in read_log(log) for r in rec["items"]}
     todo = [it for it in pool.items if it["id"] not in done]
     retriever = Retriever.build(cfg.corpus, out / "index") if cfg.corpus and cfg.retrieval != "none" else None
     k = 1 if cfg.retrieval in ("top1", "none") else cfg.top_k
