@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from specialize.data.readers import _Builder, _parse_json, _read_text, _rows_csv, _rows_jsonl
+from specialize.data.readers import _Builder, _parse_json, _read_text, _rows_csv, iter_jsonl
 from specialize.data.records import DataError
 
 Row = dict[str, Any]
@@ -127,7 +127,7 @@ def _snli(path: Path) -> Iterator[tuple[int | None, Row]]:
 
 
 def _commonsenseqa(path: Path) -> Iterator[tuple[int | None, Row]]:
-    for line, row in _rows_jsonl(path):
+    for line, row in iter_jsonl(path):
         choices = row.get("choices") or {}
         labels, texts = choices.get("label"), choices.get("text")
         if not labels or not texts or row.get("answerKey") not in labels:
@@ -144,7 +144,7 @@ def _commonsenseqa(path: Path) -> Iterator[tuple[int | None, Row]]:
 
 
 def _aqua(path: Path) -> Iterator[tuple[int | None, Row]]:
-    for line, row in _rows_jsonl(path):
+    for line, row in iter_jsonl(path):
         options = row.get("options") or []
         letters = [o.split(")", 1)[0] for o in options]
         if row.get("correct") not in letters:
@@ -162,7 +162,7 @@ def _aqua(path: Path) -> Iterator[tuple[int | None, Row]]:
 
 
 def _nq_open(path: Path) -> Iterator[tuple[int | None, Row]]:
-    for line, row in _rows_jsonl(path):
+    for line, row in iter_jsonl(path):
         yield line, {"instruction": CLOSED_QA_INSTRUCTION, "input": row.get("question"), "output": row.get("answer")}
 
 

@@ -117,7 +117,8 @@ def _parse_json(path: Path, text: str) -> tuple[Any, list[int] | None]:
         raise DataError(path, line, None, "malformed JSON: expected ',' or ']' between array items")
 
 
-def _rows_jsonl(path: Path) -> Iterator[Located]:
+def iter_jsonl(path: Path) -> Iterator[Located]:
+    """(line number, object) for each non-blank line of a JSONL file (gzipped or not)."""
     for lineno, raw in enumerate(io.StringIO(_read_text(path)), start=1):
         if not raw.strip():
             continue
@@ -560,7 +561,7 @@ def read_records(
         return _limited(builder.result, limit)
     rows: Iterator[Located]
     if fmt in ("jsonl", "self-instruct"):
-        rows = _rows_jsonl(path)
+        rows = iter_jsonl(path)
         if fmt == "self-instruct":
             _self_instruct(path, rows, builder)
             return _limited(builder.result, limit)

@@ -5,12 +5,12 @@ A corpus is JSONL with `id` and `text` (and optionally `title`, prepended to the
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from specialize.data import DataError
+from specialize.data.readers import iter_jsonl
 from specialize.io import atomic_path
 from specialize.models import file_sha256
 
@@ -24,22 +24,14 @@ class Hit:
 
 def read_corpus(path: str | Path) -> tuple[list[str], list[str]]:
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     ids, texts = [], []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, None, f"malformed JSON: {e.msg}") from None
-            for key in ("id", "text"):
-                if not isinstance(row.get(key), str | int) or row.get(key) in ("", None):
-                    raise DataError(path, lineno, key, "missing or empty")
-            title = row.get("title") or ""
-            ids.append(str(row["id"]))
-            texts.append(f"{title}\n{row['text']}" if title else row["text"])
+    for lineno, row in iter_jsonl(path):
+        for key in ("id", "text"):
+            if not isinstance(row.get(key), str | int) or row.get(key) in ("", None):
+                raise DataError(path, lineno, key, "missing or empty")
+        title = row.get("title") or ""
+        ids.append(str(row["id"]))
+        texts.append(f"{title}\n{row['text']}" if title else row["text"])
     if not ids:
         raise DataError(path, None, None, "corpus is empty")
     if len(set(ids)) != len(ids):
