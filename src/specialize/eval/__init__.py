@@ -1,1 +1,1 @@
-"""Evaluation: log-likelihood scoring of responses and options (more protocols arrive with the harness)."""
+"""Evaluation: metrics, option ranking, tasks (YAML catalogue), the harness, and bootstrap statistics."""

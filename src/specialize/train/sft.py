@@ -25,7 +25,7 @@ import torch
 from specialize import models
 from specialize.data import Example
 from specialize.io import atomic_write_text
-from specialize.prompts import TrainFeatures, get_template, tokenize_for_training
+from specialize.prompts import get_template, tokenize_for_training
 from specialize.train.batching import StepPlan, collate, micro_batches, response_tokens, shard
 from specialize.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from specialize.train.config import StageConfig, TrainConfig
@@ -357,4 +357,4 @@ def run_training(cfg: TrainConfig) -> list[StageResult]:
     return results
 
 
-__all__ = ["StageResult", "TrainConfigError", "TrainFeatures", "run_training"]
+__all__ = ["StageResult", "TrainConfigError", "run_training"]
