@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from specialize.generation.hf import left_pad
 from specialize.models import Precision, inference_mode, select_precision
 from specialize.prompts import encode_response
 
@@ -65,12 +66,7 @@ def score_options(
 
 
 def _score_batch(model, prompts, option_ids, pad, device) -> list[list[float]]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):  # left padding: every prompt ends at the same column
-        ids[row, width - len(p) :] = torch.tensor(p)
-        mask[row, width - len(p) :] = 1
+    ids, mask = left_pad(prompts, pad)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     first = model(
         input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=True

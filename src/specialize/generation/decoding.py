@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from specialize.generation.hf import SamplingParams, cut_at_stop
+from specialize.generation.hf import SamplingParams, cut_at_stop, left_pad
 from specialize.models import Precision, inference_mode, select_precision
 
 
@@ -67,12 +67,7 @@ class _Contexts:
 
     def __init__(self, model: Any, rows: list[list[int]], pad: int, device: torch.device):
         self.model = model
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        self.mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            self.mask[i, width - len(r) :] = 1
+        ids, self.mask = left_pad(rows, pad)
         self.next_pos = self.mask.sum(-1)
         self.device = device
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)

@@ -31,6 +31,17 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row's last token in the same column, as decoding needs."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
@@ -59,12 +70,8 @@ def generate(
     results: list[Completion | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every row's last prompt token sits at the same column
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]) :] = 1
+        ids, mask = left_pad([encoded[i] for i in idx], pad)
+        width = ids.shape[1]
         sampling = params.temperature > 0
         with inference_mode(model, precision, device):
             out = model.generate(

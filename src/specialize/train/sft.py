@@ -24,7 +24,7 @@ import torch
 
 from specialize import models
 from specialize.data import Example
-from specialize.io import atomic_write_text
+from specialize.io import atomic_path, atomic_write_text
 from specialize.prompts import get_template, tokenize_for_training
 from specialize.train.batching import StepPlan, collate, micro_batches, response_tokens, shard
 from specialize.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
@@ -323,8 +323,6 @@ def _check_replicas(accelerator: Any, model: torch.nn.Module) -> str:
 
 
 def _save_final(cfg: TrainConfig, model: Any, tokenizer: Any, out: Path, sdir: Path) -> None:
-    from specialize.io import atomic_path
-
     with atomic_path(out, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
