@@ -18,6 +18,7 @@ stages:
   train     instruction-tune a model: data mix -> stages (generalist, specialist) -> adapter or weights
   eval      evaluate a base model and adapters on YAML-declared tasks (generation, options, k-shot, CIs)
   synth     self-specialization: seeds -> generated instructions -> retrieval-grounded responses -> adapter
+  serve     OpenAI-compatible server: one base model, many LoRA specialists in mixed batches
 """
 
 
@@ -97,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the self_specialization_lora training preset")  # fmt: skip
     syn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     _add_model_args(syn)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible API over the base model and its adapters")
+    srv.add_argument("config", nargs="?", help="serve YAML (flags below override it)")
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="LoRA adapter to serve")
+    srv.add_argument("--host", default=None, help="default 127.0.0.1; other hosts need a token")
+    srv.add_argument("--port", type=int, default=None, help="default 8000")
+    srv.add_argument("--token", default=None, help="bearer token (default: $SPECIALIZE_API_TOKEN)")
+    srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _add_model_args(srv)
 
     gen = sub.add_parser("generate", help="complete an instruction")
     gen.add_argument("instruction")
@@ -256,6 +266,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from specialize.config import load_config
+    from specialize.serve.server import ServeConfig, serve
+
+    flags = [] if args.config else [f"model.spec={json.dumps(args.model)}", f"model.dtype={args.dtype}",
+                                    f"model.device={args.device}", f"template={args.template}"]  # fmt: skip
+    if args.threads:
+        flags.append(f"model.threads={args.threads}")
+    for key, value in (("host", args.host), ("port", args.port), ("token", args.token)):
+        if value is not None:
+            flags.append(f"{key}={json.dumps(value)}")
+    flags += [f"adapters.{name}={json.dumps(path)}" for name, path in map(_split_pair, args.adapter)]
+    serve(load_config(ServeConfig, args.config, flags + args.set))
+    return 0
+
+
 def _split_pair(item: str) -> tuple[str, str]:
     name, sep, value = item.partition("=")
     if not sep or not name or not value:
@@ -277,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("train", None): _cmd_train,
         ("eval", None): _cmd_eval,
         ("synth", None): _cmd_synth,
+        ("serve", None): _cmd_serve,
     }
     handler = handlers.get((args.command, getattr(args, "data_command", None)))
     if handler is None:

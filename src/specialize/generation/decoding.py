@@ -62,17 +62,19 @@ class Decoded:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
-class _Contexts:
-    """B*k left-padded contexts stepping together with one KV cache."""
+class Contexts:
+    """Left-padded rows stepping together with one KV cache; `logp` holds each row's next-token
+    log-probabilities. `forward_kwargs` go to every model call (e.g. PEFT's per-row `adapter_names`)."""
 
-    def __init__(self, model: Any, rows: list[list[int]], pad: int, device: torch.device):
+    def __init__(self, model: Any, rows: Sequence[Sequence[int]], pad: int, device: torch.device, **forward_kwargs):
         self.model = model
+        self.forward_kwargs = forward_kwargs
         ids, self.mask = left_pad(rows, pad)
         self.next_pos = self.mask.sum(-1)
         self.device = device
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids.to(device), attention_mask=self.mask.to(device),
-                    position_ids=positions.to(device), use_cache=True)  # fmt: skip
+                    position_ids=positions.to(device), use_cache=True, **forward_kwargs)  # fmt: skip
         self.cache = out.past_key_values
         self.logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
 
@@ -81,6 +83,7 @@ class _Contexts:
         out = self.model(
             input_ids=tokens[:, None].to(self.device), attention_mask=self.mask.to(self.device),
             position_ids=self.next_pos[:, None].to(self.device), past_key_values=self.cache, use_cache=True,
+            **self.forward_kwargs,
         )  # fmt: skip
         self.next_pos = self.next_pos + 1
         self.cache = out.past_key_values
@@ -115,11 +118,11 @@ def generate_mixture(
     out: list[list[int]] = [[] for _ in contexts]
     done = torch.zeros(len(contexts), dtype=torch.bool)
     with inference_mode(model, precision, str(device)):
-        expert = _Contexts(model, rows, pad, device)
+        expert = Contexts(model, rows, pad, device)
         base = None
         if amateur is not None:
             with amateur():
-                base = _Contexts(model, rows, pad, device)
+                base = Contexts(model, rows, pad, device)
         for _ in range(params.max_new_tokens):
             scores = marginalize(expert.logp.view(len(contexts), k, -1), w)
             if base is not None:

@@ -35,6 +35,7 @@ from specialize.synth.prompts import (
     INSTRUCTION_PROMPT,
     RESPONSE_PREAMBLE,
     ExpertTemplate,
+    clip_words,
     instruction_prompt,
     parse_generated,
 )
@@ -57,6 +58,9 @@ class SynthConfig(BaseModel):
     top_k: int = Field(5, ge=1)
     num: int = Field(200, ge=1, description="instructions to keep after filtering")
     demos_per_prompt: int = Field(3, ge=1)
+    require_input: bool = Field(True, description="drop generated items without an Input line")
+    demo_input_words: int | None = Field(None, ge=1, description="clip demo inputs in the prompt (None: keep all)")
+    document_words: int | None = Field(None, ge=1, description="clip retrieved documents (None: keep all)")
     list_size: int = Field(20, ge=2, description="the n of 'come up with n tasks'")
     batch_size: int = Field(8, ge=1, description="prompts per generation batch")
     max_batches: int = Field(500, ge=1, description="bound on instruction-generation batches")
@@ -145,7 +149,8 @@ class Pool:
     def offer_batch(self, record: dict[str, Any]) -> None:
         for p, out in enumerate(record["outputs"]):
             first = self.cfg.demos_per_prompt + 1
-            parsed, counts = parse_generated(out["text"], first, truncated=out["finish_reason"] == "length")
+            parsed, counts = parse_generated(out["text"], first, truncated=out["finish_reason"] == "length",
+                                             require_input=self.cfg.require_input)  # fmt: skip
             self.counts.update({f"parse_{k}": v for k, v in counts.items()})
             for i, item in enumerate(parsed):
                 if len(self.items) >= self.cfg.num:
@@ -197,7 +202,7 @@ def generate_instructions(
         if batch >= cfg.max_batches:
             raise RuntimeError(f"{cfg.max_batches} batches gave only {len(pool.items)} of {cfg.num} instructions")
         demos, sampling_seed = _batch_plan(cfg, seeds, batch)
-        prompts = [instruction_prompt(cfg.domain, d, cfg.list_size, template_text) for d in demos]
+        prompts = [instruction_prompt(cfg.domain, d, cfg.list_size, template_text, cfg.demo_input_words) for d in demos]
         ids = [[tokenizer(p)["input_ids"]] for p in prompts]  # raw text continuation: no chat/Alpaca wrapper
         params = cfg.instruction_sampling.model_copy(update={"seed": sampling_seed})
         decoded = generate_mixture(model, tokenizer, ids, [[1.0]] * len(ids), params,
@@ -235,7 +240,7 @@ def generate_responses(
         )
         contexts, weights = [], []
         for it, hs in zip(items, hits, strict=True):
-            docs = [h.text for h in hs] or [None]
+            docs = [clip_words(h.text, cfg.document_words) for h in hs] or [None]
             templates = [ExpertTemplate(cfg.domain, d, preamble) for d in docs]
             contexts.append([encode_prompt(t.render(it["instruction"], it["input"]), t, tokenizer) for t in templates])
             weights.append(retrieval_weights([h.score for h in hs]) if hs else [1.0])

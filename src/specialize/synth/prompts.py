@@ -46,11 +46,28 @@ def format_item(number: int, instruction: str, input: str) -> str:
     return f"{number}. Instruction: {instruction.strip()}\n{number}. Input:\n{input.strip() or NO_INPUT}\n"
 
 
-def instruction_prompt(domain: str, demos: Sequence[Example], n: int = 20, template: str = INSTRUCTION_PROMPT) -> str:
-    """The generation prompt: requirements, the demos as the first list items, then the next item's header."""
+def clip_words(text: str, max_words: int | None) -> str:
+    """The first `max_words` words, marked with an ellipsis when cut (None keeps everything)."""
+    words = text.split()
+    if max_words is None or len(words) <= max_words:
+        return text
+    return " ".join(words[:max_words]) + " ..."
+
+
+def instruction_prompt(
+    domain: str,
+    demos: Sequence[Example],
+    n: int = 20,
+    template: str = INSTRUCTION_PROMPT,
+    demo_input_words: int | None = None,
+) -> str:
+    """The generation prompt: requirements, the demos as the first list items, then the next item's header.
+
+    `demo_input_words` clips long demo inputs (BoX abstracts): prompt length drives generation cost on CPU.
+    """
     text = template.format(domain=domain, n=n)
     for i, d in enumerate(demos, start=1):
-        text += format_item(i, d.instruction, d.input)
+        text += format_item(i, d.instruction, clip_words(d.input, demo_input_words))
     return text + f"{len(demos) + 1}. Instruction:"
 
 
@@ -60,11 +77,14 @@ class Parsed:
     input: str
 
 
-def parse_generated(text: str, first_number: int, *, truncated: bool) -> tuple[list[Parsed], dict[str, int]]:
+def parse_generated(
+    text: str, first_number: int, *, truncated: bool, require_input: bool = True
+) -> tuple[list[Parsed], dict[str, int]]:
     """(instruction, input) pairs from the model's continuation of `N. Instruction:`.
 
-    Items without an input are dropped and counted; when generation hit the length limit the last item
-    may be cut off mid-way, so it is dropped too (as the paper does).
+    Items without an `Input:` line are counted and dropped (or, with `require_input=False`, kept with an
+    empty input: small models often skip the line); when generation hit the length limit the last item may
+    be cut off mid-way, so it is dropped too (as the paper does).
     """
     full = f"{first_number}. Instruction: " + text
     starts = list(_ITEM.finditer(full))
@@ -79,7 +99,9 @@ def parse_generated(text: str, first_number: int, *, truncated: bool) -> tuple[l
         instruction = parts[0].strip()
         if len(parts) < 2:
             counts["no_input"] += 1
-            continue
+            if require_input:
+                continue
+            parts = [_OUTPUT.split(parts[0], maxsplit=1)[0], ""]
         input_ = _OUTPUT.split(parts[1], maxsplit=1)[0].strip()  # models sometimes add an output
         input_ = "" if input_ == NO_INPUT or input_.lower() == NO_INPUT else input_
         if not instruction:

@@ -1,0 +1,120 @@
+"""Serving many specialists: mixed-adapter batches vs one adapter per batch vs switching adapters per request,
+over HTTP on loopback with the `openai` client, same requests for each policy.
+
+    .venv/bin/python benchmarks/serve_mixed.py [--requests 64] [--concurrency 8] [--adapters 4] [--max-tokens 32]
+    .venv/bin/python benchmarks/serve_mixed.py --policies mixed --requests 200 --concurrency 8   # the load test
+
+Policies (one server each, in turn, in this process):
+- mixed:       waves of up to --batch requests, any adapters together (per-row LoRA in one forward pass)
+- per_adapter: waves of up to --batch requests of a single adapter
+- switch:      one request at a time, the adapter switched for each (what a server without batching does)
+
+Adapters are LoRA r=8 on all linear layers of the embedded model (PEFT's default init, so they cost what real
+adapters cost). Every policy serves the same requests greedily, so each generates the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+
+from specialize.models import load_model
+from specialize.serve.engine import Engine
+from specialize.serve.server import ServeConfig, running
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+POLICIES = {"mixed": ("mixed", None), "per_adapter": ("per_adapter", None), "switch": ("per_adapter", 1)}
+
+
+def make_adapters(n: int, out: Path) -> dict[str, str]:
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = load_model("embedded")
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    paths = {}
+    for i in range(n):
+        paths[f"spec{i}"] = str(out / f"spec{i}")
+        model.save_pretrained(paths[f"spec{i}"])
+    return paths
+
+
+async def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, deadline: float) -> dict:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    gate = asyncio.Semaphore(concurrency)
+    latencies, tokens, errors = [], 0, 0
+
+    async def one(model: str, prompt: str) -> None:
+        nonlocal tokens, errors
+        async with gate:
+            if time.perf_counter() > deadline:
+                return
+            start = time.perf_counter()
+            try:
+                r = await client.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0,
+                                                         messages=[{"role": "user", "content": prompt}])  # fmt: skip
+                tokens += r.usage.completion_tokens
+                latencies.append(time.perf_counter() - start)
+            except openai.APIError as err:
+                errors += 1
+                print(f"error: {err}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(m, p) for m, p in jobs))
+    wall = time.perf_counter() - start
+    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    return {"requests": len(latencies), "errors": errors, "wall_s": wall, "tokens": tokens,
+            "tok_s": tokens / wall, "req_s": len(latencies) / wall, "p50_s": statistics.median(latencies),
+            "p95_s": q[18]}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--adapters", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-seconds", type=float, default=900, help="per policy; later requests are not sent")
+    ap.add_argument("--policies", default="mixed,per_adapter,switch")
+    args = ap.parse_args()
+
+    rows = json.loads((SHARED / "generalist/alpaca_gpt4_sample/alpaca_en_demo.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(args.adapters, Path(tmp))
+        names = ["base", *adapters]
+        jobs = [(names[i % len(names)], rows[i % len(rows)]["instruction"]) for i in range(args.requests)]
+        model, tok = load_model("embedded", threads=args.threads)
+        results = {}
+        for policy in args.policies.split(","):
+            mode, batch = POLICIES[policy]
+            cfg = ServeConfig(port=0, adapters=adapters, policy=mode, max_batch_size=batch or args.batch,
+                              batch_wait_ms=20)  # fmt: skip
+            engine = Engine(model, tok, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
+                            policy=mode)  # fmt: skip
+            for name, path in adapters.items():
+                engine.add_adapter(name, path)
+            with running(cfg, engine) as url:
+                r = asyncio.run(load(url, jobs, args.concurrency, args.max_tokens,
+                                     time.perf_counter() + args.max_seconds))  # fmt: skip
+            model = engine.model.unload()  # the bare base again, for the next policy's engine
+            results[policy] = r
+            print(
+                f"{policy:12s} {r['requests']:4d} req  {r['errors']} errors  {r['wall_s']:7.1f} s  "
+                f"{r['tok_s']:6.1f} tok/s  {r['req_s']:5.2f} req/s  p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s"
+            )
+    if "mixed" in results:
+        for other in results.keys() - {"mixed"}:
+            print(f"mixed vs {other}: {results['mixed']['tok_s'] / results[other]['tok_s']:.2f}x tokens/s")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

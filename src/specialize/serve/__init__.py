@@ -1,0 +1,1 @@
+"""Serving: one base model, many LoRA specialists, an OpenAI-compatible API."""

@@ -1,0 +1,107 @@
+"""`specialize serve`: load the base once, register the adapters, serve the OpenAI-compatible API.
+
+specialize serve --adapter biomed-v1=runs/biomed/adapter --adapter sst2=runs/sst2/adapter
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from specialize import models
+from specialize.config import ConfigError, ModelConfig
+from specialize.prompts import get_template
+from specialize.serve.api import Limits, build_app
+from specialize.serve.engine import BASE, Engine
+
+TOKEN_ENV = "SPECIALIZE_API_TOKEN"
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = ModelConfig()
+    base_name: str = BASE
+    adapters: dict[str, str] = Field(default_factory=dict, description="name -> adapter directory")
+    template: Literal["alpaca", "chat"] = Field("alpaca", description="how chat messages become a prompt")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    token: str | None = Field(None, description=f"bearer token (default: ${TOKEN_ENV}); required off loopback")
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0)
+    max_pending: int = Field(256, ge=1)
+    policy: Literal["mixed", "per_adapter"] = "mixed"
+    limits: Limits = Limits()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_token(cfg: ServeConfig) -> str | None:
+    token = cfg.token or os.environ.get(TOKEN_ENV) or None
+    if token is None and not is_loopback(cfg.host):
+        raise ConfigError(f"binding {cfg.host} exposes the server: set a token (--token or ${TOKEN_ENV})")
+    return token
+
+
+def build_engine(cfg: ServeConfig) -> Engine:
+    m = cfg.model
+    model, tokenizer = models.load_model(m.spec, dtype=m.dtype, device=m.device, threads=m.threads,
+                                         trust_remote_code=m.trust_remote_code, revision=m.revision)  # fmt: skip
+    engine = Engine(model, tokenizer, base_name=cfg.base_name, max_batch_size=cfg.max_batch_size,
+                    batch_wait_ms=cfg.batch_wait_ms, max_pending=cfg.max_pending, policy=cfg.policy)  # fmt: skip
+    for name, path in cfg.adapters.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def build(cfg: ServeConfig, engine: Engine | None = None) -> tuple[Any, Engine]:
+    """The ASGI app and its started engine (the token check runs before any model is loaded)."""
+    token = resolve_token(cfg)
+    engine = engine or build_engine(cfg)
+    template = get_template(cfg.template, engine.tokenizer)
+    return build_app(engine.start(), template, token=token, limits=cfg.limits), engine
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    app, engine = build(cfg)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    finally:
+        engine.stop()
+
+
+@contextlib.contextmanager
+def running(cfg: ServeConfig, engine: Engine | None = None) -> Iterator[str]:
+    """Serve in a background thread (port 0 picks a free one); yields the base URL. For tests and benchmarks."""
+    import uvicorn
+
+    app, engine = build(cfg, engine)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server failed to start")
+            threading.Event().wait(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"http://{cfg.host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.stop()
