@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from specialize.data import Example
-from specialize.synth.prompts import ExpertTemplate, instruction_prompt, parse_generated
+from specialize.synth.prompts import ExpertTemplate, clip_words, instruction_prompt, parse_generated
 
 
 def test_prompt_lists_demos_then_opens_the_next_item():
@@ -49,3 +49,20 @@ def test_expert_template():
     )
     assert text.endswith("### Response:\n")
     assert "Background" not in ExpertTemplate("biomedical").render("Explain.")
+
+
+def test_items_without_input_are_kept_only_when_inputs_are_optional():
+    gen = " Define apoptosis.\n5. Instruction: Name a kinase\n5. Output: PKA\n6. Instruction: Rate it\n6. Input: x\n"
+    items, counts = parse_generated(gen, 4, truncated=False, require_input=False)
+    assert [(i.instruction, i.input) for i in items] == [("Define apoptosis.", ""), ("Name a kinase", ""),
+                                                         ("Rate it", "x")]  # fmt: skip
+    assert counts["no_input"] == 2
+    strict, _ = parse_generated(gen, 4, truncated=False)
+    assert [i.instruction for i in strict] == ["Rate it"]
+
+
+def test_demo_inputs_are_clipped_to_a_word_budget():
+    demo = Example(id="d", instruction="Summarize.", input=" ".join(f"w{i}" for i in range(100)), output="x")
+    text = instruction_prompt("biomedical", [demo], n=5, demo_input_words=10)
+    assert "1. Input:\nw0 w1 w2 w3 w4 w5 w6 w7 w8 w9 ...\n" in text
+    assert clip_words("short text", 10) == "short text" and clip_words("a b c", None) == "a b c"

@@ -101,7 +101,8 @@ def parse_generated(
             counts["no_input"] += 1
             if require_input:
                 continue
-            parts = [_OUTPUT.split(parts[0], maxsplit=1)[0], ""]
+            parts = ["", ""]
+            instruction = _OUTPUT.split(instruction, maxsplit=1)[0].strip()
         input_ = _OUTPUT.split(parts[1], maxsplit=1)[0].strip()  # models sometimes add an output
         input_ = "" if input_ == NO_INPUT or input_.lower() == NO_INPUT else input_
         if not instruction:
