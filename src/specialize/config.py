@@ -108,3 +108,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{where}: {msgs}") from None
+
+
+def fill_placeholders(value: Any, **values: str) -> Any:
+    """Replace `{name}` in every string of a YAML-like structure (e.g. `{data_root}` in data paths)."""
+    if isinstance(value, str):
+        for name, v in values.items():
+            value = value.replace("{" + name + "}", v)
+        return value
+    if isinstance(value, dict):
+        return {k: fill_placeholders(v, **values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fill_placeholders(v, **values) for v in value]
+    return value

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from specialize.config import ConfigError
+from specialize.config import ConfigError, fill_placeholders
 from specialize.data import Example, FieldMap, read_records, read_superni_task
 from specialize.eval.metrics import METRICS
 
@@ -106,7 +106,7 @@ def load_task_spec(
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    raw = _fill(raw, data_root)
+    raw = fill_placeholders(raw, data_root=data_root)
     if overrides:
         raw = {**raw, **overrides}
     try:
@@ -114,16 +114,6 @@ def load_task_spec(
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{where}: {msgs}") from None
-
-
-def _fill(value: Any, data_root: str) -> Any:
-    if isinstance(value, str):
-        return value.replace("{data_root}", data_root)
-    if isinstance(value, dict):
-        return {k: _fill(v, data_root) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_fill(v, data_root) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- loading

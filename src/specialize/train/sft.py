@@ -120,6 +120,19 @@ def stage_key(cfg: TrainConfig, stage: StageConfig, fingerprint: str, parent: st
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def stage_dir(cfg: TrainConfig, stage: StageConfig, key: str) -> Path:
+    return Path(cfg.output_dir) / "stages" / f"{stage.name}-{key[:12]}"
+
+
+def planned_stage_dirs(cfg: TrainConfig, prepared: list[PreparedStage]) -> list[Path]:
+    """Where each stage's artifacts live (finished ones hold `result.json`), without training anything."""
+    dirs, parent = [], None
+    for prep in prepared:
+        parent = stage_key(cfg, prep.config, prep.manifest["fingerprint"], parent)
+        dirs.append(stage_dir(cfg, prep.config, parent))
+    return dirs
+
+
 def build_model(cfg: TrainConfig, init_from: StageResult | None) -> tuple[torch.nn.Module, Any]:
     """Base model (or the previous stage's full weights), with a trainable LoRA adapter when asked."""
     m = cfg.model
@@ -197,7 +210,7 @@ def tokenize_all(examples: list[Example], cfg: TrainConfig, stage: StageConfig, 
 def train_stage(cfg: TrainConfig, prep: PreparedStage, parent: StageResult | None, accelerator: Any) -> StageResult:
     stage = prep.config
     key = stage_key(cfg, stage, prep.manifest["fingerprint"], parent.key if parent else None)
-    sdir = Path(cfg.output_dir) / "stages" / f"{stage.name}-{key[:12]}"
+    sdir = stage_dir(cfg, stage, key)
     main = accelerator.is_main_process
     if (sdir / RESULT).is_file():
         if main:

@@ -1,0 +1,125 @@
+"""An experiment: one YAML declaring models, data grids, training, evaluation and (optionally) a
+self-specialization round. Lists are grid axes: generalist source x specialist amount x model x seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from specialize.config import ModelConfig
+from specialize.train.config import LoraSettings
+from specialize.train.mixing import SourceSpec
+
+
+class StageSettings(BaseModel):
+    """Training settings of one stage (the data comes from the grid point)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_length: int = Field(1024, ge=8)
+
+
+class Generalist(BaseModel):
+    """One value of the generalist axis: a named source (or several) and the amount drawn from it."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    sources: list[SourceSpec] = Field(min_length=1)
+
+
+class EvalSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str | dict[str, Any]] = Field(min_length=1)
+    shots: list[int] | None = None
+    limit: int | None = Field(None, ge=1)
+    split_file: str | None = None
+    batch_size: int = Field(8, ge=1)
+    bootstrap_resamples: int = Field(1000, ge=100)
+
+
+class ExperimentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    scale_note: str = Field("", description="how this preset is scaled down from the paper, stated honestly")
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()], min_length=1)
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    template: Literal["alpaca", "chat"] = "alpaca"
+    data_root: str = "../shared/data"
+    # grid axes
+    generalists: list[Generalist | None] = Field(default_factory=lambda: [None], min_length=1,
+                                                 description="null = no generalist stage")  # fmt: skip
+    specialist: list[SourceSpec] = Field(default_factory=list, description="task sources (amount set by the grid)")
+    amounts: list[int] = Field(default_factory=lambda: [0], description="specialist examples; 0 = generalist only")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    scale: float = Field(1.0, gt=0, description="multiplies every amount (1 = as shipped; use > 1 on a GPU)")
+    generalist_stage: StageSettings = StageSettings(epochs=15, batch_size=64)
+    specialist_stage: StageSettings = StageSettings(epochs=3, batch_size=128)
+    eval: EvalSettings
+    include_base: bool = True
+    save_every: int = Field(20, ge=0, description="optimizer steps between training checkpoints (resume points)")
+    synth: dict[str, Any] | None = Field(None, description="a self-specialization round (SynthConfig fields)")
+    output_dir: str = "runs/experiment"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One grid point."""
+
+    model_index: int
+    generalist: Generalist | None
+    amount: int
+    seed: int
+
+    @property
+    def generalist_name(self) -> str:
+        return self.generalist.name if self.generalist else "none"
+
+    def run_id(self, cfg: ExperimentConfig) -> str:
+        model = f"m{self.model_index}-" if len(cfg.models) > 1 else ""
+        return f"{model}{self.generalist_name}-n{self.amount}-s{self.seed}"
+
+
+def scaled(amount: int | str, scale: float) -> int | str:
+    return amount if isinstance(amount, str) or amount == 0 else max(1, round(amount * scale))
+
+
+def expand(cfg: ExperimentConfig) -> list[RunSpec]:
+    """Every trained grid point; the base model (no generalist, amount 0) is evaluated separately."""
+    runs = []
+    for m, gen, amount, seed in itertools.product(range(len(cfg.models)), cfg.generalists, cfg.amounts, cfg.seeds):
+        amount = int(scaled(amount, cfg.scale))
+        if gen is None and amount == 0:
+            continue
+        if amount > 0 and not cfg.specialist:
+            raise ValueError("amounts > 0 need `specialist` sources")
+        runs.append(RunSpec(m, gen, amount, seed))
+    return runs
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None, **placeholders: str) -> ExperimentConfig:
+    """YAML + `key=value` overrides; `{data_root}` (and any given placeholder) is filled in every string."""
+    from specialize.config import fill_placeholders, load_config
+
+    cfg = load_config(ExperimentConfig, path, overrides)
+    raw = fill_placeholders(cfg.model_dump(mode="json", exclude_unset=True), **placeholders)
+    raw = fill_placeholders(raw, data_root=raw.get("data_root", cfg.data_root))
+    return ExperimentConfig.model_validate(raw)

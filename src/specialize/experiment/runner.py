@@ -1,0 +1,204 @@
+"""`specialize run EXPERIMENT.yaml`: expand the grid, then for every run train (two stages) and evaluate,
+computing only what is new.
+
+Caching is by content: training stages live in `<out>/train/stages/<name>-<hash>` (a stage keyed by model,
+method, settings, data ids, seed and parent stage), so the generalist stage is trained once and shared by
+every specialist amount; evaluations live in `<out>/eval/<hash>` keyed by the eval settings and the
+evaluated weights' sha256. A finished artifact is never recomputed; a crash leaves unfinished stages to
+resume from their checkpoints. Every run's config, scores (with CIs) and timings go to `<out>/results.sqlite`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from specialize import models
+from specialize.experiment.config import ExperimentConfig, RunSpec, expand, fingerprint, scaled
+from specialize.train.config import StageConfig, TrainConfig
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, model TEXT, generalist TEXT, amount INTEGER, seed INTEGER,
+    weights TEXT, eval_dir TEXT, config TEXT, train_s REAL, eval_s REAL, finished REAL);
+CREATE TABLE IF NOT EXISTS scores (
+    run_id TEXT, task TEXT, k INTEGER, variant TEXT, split TEXT, metric TEXT, mean REAL, ci_low REAL,
+    ci_high REAL, n INTEGER, PRIMARY KEY (run_id, task, k, variant, metric));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+BASE_RUN = "base"
+
+
+def train_config(cfg: ExperimentConfig, run: RunSpec) -> TrainConfig:
+    stages = []
+    if run.generalist is not None:
+        sources = [s.model_copy(update={"amount": scaled(s.amount, cfg.scale)}) for s in run.generalist.sources]
+        stages.append(StageConfig(name="generalist", sources=sources,
+                                  **cfg.generalist_stage.model_dump()))  # fmt: skip
+    if run.amount > 0:
+        # the specialist amount is split over the sources (each source then splits over its tasks)
+        share = [run.amount // len(cfg.specialist) + (i < run.amount % len(cfg.specialist))
+                 for i in range(len(cfg.specialist))]  # fmt: skip
+        sources = [s.model_copy(update={"amount": n}) for s, n in zip(cfg.specialist, share, strict=True) if n]
+        stages.append(StageConfig(name="specialist", sources=sources, **cfg.specialist_stage.model_dump()))
+    return TrainConfig(model=cfg.models[run.model_index], method=cfg.method, lora=cfg.lora, template=cfg.template,
+                       stages=stages, seed=run.seed, output_dir=str(Path(cfg.output_dir) / "train"),
+                       save_every=cfg.save_every, progress=True)  # fmt: skip
+
+
+def _weights_hash(path: Path) -> str:
+    files = sorted(path.glob("*.safetensors"))
+    return fingerprint([models.file_sha256(f) for f in files])
+
+
+class Store:
+    """The experiment's results: one SQLite file, written in small transactions (a crash loses nothing done)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path)
+        self.db.executescript(SCHEMA)
+
+    def done(self, run_id: str, eval_dir: str) -> bool:
+        row = self.db.execute("SELECT eval_dir FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return row is not None and row[0] == eval_dir
+
+    def record(self, run_id: str, info: dict[str, Any], summary: dict[str, Any]) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM scores WHERE run_id = ?", (run_id,))
+            self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
+                run_id, info["model"], info["generalist"], info["amount"], info["seed"], info["weights"],
+                info["eval_dir"], json.dumps(info["config"]), info["train_s"], info["eval_s"],
+                time.time()))  # fmt: skip
+            for s in summary["scores"]:
+                for metric, v in s.items():
+                    if isinstance(v, dict) and "mean" in v:
+                        self.db.execute("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?,?,?,?)", (
+                            run_id, s["task"], s["k"], s["variant"], s["split"], metric, v["mean"], v["ci95"][0],
+                            v["ci95"][1], s["n"]))  # fmt: skip
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+
+def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None, out: Path):
+    """The evaluation of one set of weights (None = the base model), and its cache directory."""
+    from specialize.eval.harness import EvalConfig
+
+    model = cfg.models[model_index]
+    e = cfg.eval
+    key = {"eval": e.model_dump(mode="json"), "template": cfg.template, "data_root": cfg.data_root,
+           "model": {k: v for k, v in models.describe(model.spec).items() if k != "location"},
+           "weights": _weights_hash(weights) if weights else None}  # fmt: skip
+    eval_dir = out / "eval" / fingerprint(key)
+    adapter = weights is not None and (weights / "adapter_config.json").is_file()
+    if weights is not None and not adapter:  # full fine-tuning: the stage's weights are the model
+        model = model.model_copy(update={"spec": str(weights)})
+    ec = EvalConfig(model=model, adapters={"run": str(weights)} if adapter else {}, include_base=not adapter,
+                    tasks=e.tasks, data_root=cfg.data_root, shots=e.shots, limit=e.limit, template=cfg.template,
+                    split_file=e.split_file, output_dir=str(eval_dir), batch_size=e.batch_size,
+                    bootstrap_resamples=e.bootstrap_resamples)  # fmt: skip
+    return ec, eval_dir
+
+
+def _evaluate(ec, eval_dir: Path) -> tuple[dict[str, Any], float, bool]:
+    from specialize.eval.harness import evaluate
+
+    if (eval_dir / "summary.json").is_file():
+        return json.loads((eval_dir / "summary.json").read_text()), 0.0, True
+    start = time.perf_counter()
+    summary = evaluate(ec)
+    return summary, time.perf_counter() - start, False
+
+
+def _only(summary: dict[str, Any], model_name: str) -> dict[str, Any]:
+    return {"scores": [s for s in summary["scores"] if s["model"] == model_name]}
+
+
+def plan(cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """What a run would do: per grid point, its stages (cached or to train, with example counts)."""
+    from specialize.train.sft import planned_stage_dirs, prepare_stages
+
+    rows = []
+    for run in expand(cfg):
+        tc = train_config(cfg, run)
+        prepared = prepare_stages(tc)
+        stages = []
+        for prep, sdir in zip(prepared, planned_stage_dirs(tc, prepared), strict=True):
+            stages.append({"stage": prep.config.name, "examples": len(prep.examples), "epochs": prep.config.epochs,
+                           "cached": (sdir / "result.json").is_file(), "dir": str(sdir),
+                           "chars": sum(len(e.instruction) + len(e.input) + len(e.output)
+                                        for e in prep.examples)})  # fmt: skip
+        rows.append({"run": run.run_id(cfg), "stages": stages})
+    return rows
+
+
+def print_plan(cfg: ExperimentConfig, rows: list[dict[str, Any]], train_tok_s: float) -> None:
+    total_s = 0.0
+    seen: set[str] = set()
+    names = [t if isinstance(t, str) else t.get("name", "?") for t in cfg.eval.tasks]
+    print(f"experiment {cfg.name}: {len(rows)} trained runs + base; eval tasks: {', '.join(names)}")
+    for r in rows:
+        parts = []
+        for s in r["stages"]:
+            new = not s["cached"] and s["dir"] not in seen
+            seen.add(s["dir"])
+            cost = s["chars"] / 4 * s["epochs"] / train_tok_s  # ~4 characters per token
+            total_s += cost if new else 0.0
+            state = f"~{cost / 60:.1f} min" if new else ("cached" if s["cached"] else "shared")
+            parts.append(f"{s['stage']} ({s['examples']} ex x {s['epochs']} ep, {state})")
+        print(f"  {r['run']:28s} " + " -> ".join(parts))
+    print(f"estimated training time: ~{total_s / 60:.1f} min at {train_tok_s:.0f} tokens/s (plus evaluation)")
+
+
+def run_synth_block(cfg: ExperimentConfig, out: Path) -> Path | None:
+    if not cfg.synth:
+        return None
+    from specialize.synth.pipeline import SynthConfig, run_synth
+
+    sc = SynthConfig.model_validate({"model": cfg.models[0].model_dump(), "output_dir": str(out / "synth"),
+                                     **cfg.synth})  # fmt: skip
+    return run_synth(sc)
+
+
+def run_experiment(cfg: ExperimentConfig) -> Path:
+    """Run (or resume, or extend) the experiment; returns the results store."""
+    from specialize.train import run_training
+
+    out = Path(cfg.output_dir)
+    store = Store(out / "results.sqlite")
+    store.set_meta("config", cfg.model_dump(mode="json"))
+    synth_data = run_synth_block(cfg, out)
+    if synth_data is not None:
+        store.set_meta("synth", str(synth_data.parent))
+    if cfg.include_base:
+        for m in range(len(cfg.models)):
+            run_id = BASE_RUN if len(cfg.models) == 1 else f"m{m}-{BASE_RUN}"
+            ec, eval_dir = eval_config(cfg, m, None, out)
+            if store.done(run_id, str(eval_dir)):
+                continue
+            summary, eval_s, _ = _evaluate(ec, eval_dir)
+            store.record(run_id, {"model": cfg.models[m].spec, "generalist": "none", "amount": 0, "seed": 0,
+                                  "weights": None, "eval_dir": str(eval_dir), "config": None, "train_s": 0.0,
+                                  "eval_s": eval_s}, _only(summary, "base"))  # fmt: skip
+    for run in expand(cfg):
+        run_id = run.run_id(cfg)
+        tc = train_config(cfg, run)
+        start = time.perf_counter()
+        results = run_training(tc)
+        train_s = 0.0 if all(r.reused for r in results) else time.perf_counter() - start
+        weights = Path(results[-1].output)
+        ec, eval_dir = eval_config(cfg, run.model_index, weights, out)
+        if store.done(run_id, str(eval_dir)):
+            continue
+        summary, eval_s, _ = _evaluate(ec, eval_dir)
+        name = "run" if ec.adapters else "base"
+        store.record(run_id, {"model": cfg.models[run.model_index].spec, "generalist": run.generalist_name,
+                              "amount": run.amount, "seed": run.seed, "weights": str(weights),
+                              "eval_dir": str(eval_dir), "config": tc.model_dump(mode="json"), "train_s": train_s,
+                              "eval_s": eval_s}, _only(summary, name))  # fmt: skip
+    return out / "results.sqlite"

@@ -1,0 +1,151 @@
+"""The experiment runner on the tiny model and the shipped example data: grid expansion, caching, resume,
+results store, report (rendered by headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from specialize.experiment.config import ExperimentConfig, expand, load_experiment
+from specialize.experiment.quickstart import examples_dir
+from specialize.experiment.report import render
+from specialize.experiment.runner import plan, run_experiment
+
+
+def experiment(tiny_model_dir: Path, out: Path, **changes) -> dict:
+    ex = examples_dir()
+    cfg = {
+        "name": "tiny", "models": [{"spec": str(tiny_model_dir), "threads": 1}], "method": "lora",
+        "data_root": str(ex), "output_dir": str(out),
+        "generalists": [None, {"name": "gen", "sources": [{"path": "{data_root}/generalist.jsonl", "amount": 8}]}],
+        "specialist": [{"path": "{data_root}/product_reviews.jsonl"}, {"path": "{data_root}/movie_reviews.jsonl"}],
+        "amounts": [0, 8, 16], "seeds": [0],
+        "generalist_stage": {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-3, "max_length": 64},
+        "specialist_stage": {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-3, "max_length": 64},
+        "eval": {"tasks": [{"name": "hotel", "data": {"path": "{data_root}/hotel_reviews.jsonl"}, "protocol": "options",
+                            "options_from": "task", "limit": 12}], "bootstrap_resamples": 100},
+    }  # fmt: skip
+    cfg.update(changes)
+    return cfg
+
+
+def write(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def scores(out: Path) -> list[tuple]:
+    db = sqlite3.connect(out / "results.sqlite")
+    return sorted(db.execute("SELECT run_id, task, metric, mean, ci_low, ci_high, n FROM scores").fetchall())
+
+
+def test_grid_expands_generalist_x_amount_x_model_x_seed(tiny_model_dir, tmp_path):
+    cfg = ExperimentConfig.model_validate(experiment(tiny_model_dir, tmp_path, seeds=[0, 1],
+                                                     models=[{"spec": "a"}, {"spec": "b"}]))  # fmt: skip
+    runs = expand(cfg)
+    # 2 generalist options x 3 amounts x 2 models x 2 seeds, minus (no generalist, amount 0) = the base model
+    assert len(runs) == (2 * 3 - 1) * 2 * 2
+    ids = {r.run_id(cfg) for r in runs}
+    assert "m1-gen-n16-s1" in ids and "m0-none-n8-s0" in ids and not any("none-n0" in i for i in ids)
+    scaled = ExperimentConfig.model_validate(experiment(tiny_model_dir, tmp_path, scale=2.5))
+    assert sorted({r.amount for r in expand(scaled)}) == [0, 20, 40]
+
+
+def test_second_run_computes_nothing_and_the_plan_says_so(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = load_experiment(write(experiment(tiny_model_dir, tmp_path / "out"), tmp_path / "exp.yaml"))
+    assert not any(s["cached"] for r in plan(cfg) for s in r["stages"])
+    run_experiment(cfg)
+    first = scores(tmp_path / "out")
+    assert {r[0] for r in first} == {"base", "none-n8-s0", "none-n16-s0", "gen-n0-s0", "gen-n8-s0", "gen-n16-s0"}
+    # the generalist stage was trained once and shared by every amount
+    assert len(list((tmp_path / "out/train/stages").glob("generalist-*"))) == 1
+    assert all(s["cached"] for r in plan(cfg) for s in r["stages"])
+
+    import specialize.eval.harness as harness
+    import specialize.train.sft as sft
+
+    def fail(*a, **k):
+        raise AssertionError("a cached run computed something")
+
+    monkeypatch.setattr(harness, "evaluate", fail)
+    monkeypatch.setattr(sft, "build_model", fail)
+    run_experiment(cfg)
+    assert scores(tmp_path / "out") == first
+
+    # extending the grid computes only the new points
+    calls = []
+    monkeypatch.undo()
+    real = harness.evaluate
+    monkeypatch.setattr(harness, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bigger = load_experiment(write(experiment(tiny_model_dir, tmp_path / "out", amounts=[0, 8, 16, 24]),
+                                   tmp_path / "exp2.yaml"))  # fmt: skip
+    run_experiment(bigger)
+    assert len(calls) == 2  # none-n24 and gen-n24
+
+
+def test_killed_run_resumes_to_the_same_results(tiny_model_dir, tmp_path):
+    cfg = experiment(tiny_model_dir, tmp_path / "killed", amounts=[0, 24], save_every=2)
+    for stage in ("generalist_stage", "specialist_stage"):
+        cfg[stage] = {**cfg[stage], "batch_size": 2, "micro_batch_size": 2}
+    path = write(cfg, tmp_path / "exp.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "specialize.cli", "run", str(path), "--no-report"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "killed/train/stages").glob("*/checkpoints/step-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed/results.sqlite").exists() or len(scores(tmp_path / "killed")) < 4
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    clean = write(
+        experiment(
+            tiny_model_dir,
+            tmp_path / "clean",
+            amounts=[0, 24],
+            save_every=2,
+            **{s: cfg[s] for s in ("generalist_stage", "specialist_stage")},
+        ),
+        tmp_path / "clean.yaml",
+    )
+    run_experiment(load_experiment(clean))
+    assert [r[1:] for r in scores(tmp_path / "killed")] == [r[1:] for r in scores(tmp_path / "clean")]
+
+
+def test_report_renders_in_chromium_with_tables_and_images(tiny_model_dir, tmp_path):
+    cfg = load_experiment(write(experiment(tiny_model_dir, tmp_path / "out"), tmp_path / "exp.yaml"))
+    run_experiment(cfg)
+    page = render(tmp_path / "out")
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text  # self-contained
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert report["table"]["columns"] == ["base", "gen only", "specialist (n=16)", "specialist + gen (n=16)"]
+    assert len(report["findings"]) == 1 and report["findings"][0]["holds"] in (True, False)
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "the report test needs Chromium (Debian package `chromium`; `make setup` installs it)"
+    flags = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'chrome'}"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert '<table id="results">' in dom and dom.count("<tr>") >= 8 and "hotel" in dom
+    assert dom.count('src="data:image/png;base64,') == 1
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, "--window-size=1200,1400", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)  # fmt: skip
+    from PIL import Image
+
+    img = Image.open(shot).convert("RGB")
+    colours = img.getcolors(maxcolors=1 << 20)
+    assert img.size == (1200, 1400) and len(colours) > 50  # text, table borders and an anti-aliased plot
+    # matplotlib's first two line colours (blue, orange) are on screen: the curve image was decoded and drawn
+    near = lambda c, t: all(abs(a - b) < 40 for a, b in zip(c, t, strict=True))  # noqa: E731
+    assert any(near(c, (31, 119, 180)) for _, c in colours) and any(near(c, (255, 127, 14)) for _, c in colours)
