@@ -68,6 +68,7 @@ async def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_toke
     start = time.perf_counter()
     await asyncio.gather(*(one(m, p) for m, p in jobs))
     wall = time.perf_counter() - start
+    await client.close()
     q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return {"requests": len(latencies), "errors": errors, "wall_s": wall, "tokens": tokens,
             "tok_s": tokens / wall, "req_s": len(latencies) / wall, "p50_s": statistics.median(latencies),

@@ -260,11 +260,14 @@ class Engine:
         ):
             ctx = Contexts(self.model, [r.prompt_ids for r in wave], self.pad, self.device, **kwargs)
             for _ in range(steps):
-                nxt = torch.full((len(rows),), self.pad, dtype=torch.long)
+                nxt = ctx.logp.argmax(dim=-1)  # greedy rows in one op; sampled rows below, each with its own RNG
                 for i, row in enumerate(rows):
-                    if not row.done:
+                    if row.done:
+                        nxt[i] = self.pad
+                        continue
+                    if row.req.params.temperature > 0:
                         nxt[i] = choose(ctx.logp[i : i + 1], row.req.params, row.generator)[0]
-                        self._advance(row, int(nxt[i]))
+                    self._advance(row, int(nxt[i]))
                 if all(row.done for row in rows):
                     break
                 ctx.step(nxt)
