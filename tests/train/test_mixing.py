@@ -66,6 +66,16 @@ def test_category_filter_selects_sentiment_tasks(shared_data: Path):
     assert len(per_task) == 42 and set(per_task.values()) == {2}
 
 
+def test_held_out_tasks_are_excluded(shared_data: Path):
+    held = ["task363_sst2_polarity_classification", "task195_sentiment140_classification"]
+    spec = SourceSpec(path=str(shared_data / "superni/tasks"), categories=["Sentiment Analysis"], exclude_tasks=held)
+    _, manifest = build_mix([spec], seed=0)
+    per_task = manifest["sources"][0]["per_task"]
+    assert len(per_task) == 40 and not set(held) & set(per_task)
+    with pytest.raises(MixError, match="unknown tasks to exclude"):
+        build_mix([spec.model_copy(update={"exclude_tasks": ["task0_nope"]})], seed=0)
+
+
 def test_two_sources_mix(shared_data: Path):
     examples, manifest = build_mix(
         [SourceSpec(name="lima", path=str(shared_data / "generalist/lima/lima.json"), amount=10),

@@ -66,13 +66,15 @@ class ExperimentConfig(BaseModel):
     specialist: list[SourceSpec] = Field(default_factory=list, description="task sources (amount set by the grid)")
     amounts: list[int] = Field(default_factory=lambda: [0], description="specialist examples; 0 = generalist only")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    scale: float = Field(1.0, gt=0, description="multiplies every amount (1 = as shipped; use > 1 on a GPU)")
+    scale: float = Field(1.0, gt=0, description="multiplies the specialist amounts (the swept axis); generalist "
+                         "sources keep their stated amount")  # fmt: skip
     generalist_stage: StageSettings = StageSettings(epochs=15, batch_size=64)
     specialist_stage: StageSettings = StageSettings(epochs=3, batch_size=128)
     eval: EvalSettings
     include_base: bool = True
     save_every: int = Field(20, ge=0, description="optimizer steps between training checkpoints (resume points)")
     synth: dict[str, Any] | None = Field(None, description="a self-specialization round (SynthConfig fields)")
+    synth_stage: StageSettings | None = Field(None, description="then tune a LoRA on the synthetic data and evaluate")
     output_dir: str = "runs/experiment"
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from specialize.eval.stats import paired_bootstrap
+from specialize.experiment.runner import SELF_SPEC
 from specialize.io import atomic_path, atomic_write_text
 
 METRIC_ORDER = ("accuracy", "rouge_l", "exact_match", "token_f1", "entity_f1", "accuracy_norm")
@@ -36,20 +37,23 @@ def primary_metrics(scores: list[dict[str, Any]]) -> dict[str, str]:
     return {t: next((m for m in METRIC_ORDER if m in ms), sorted(ms)[0]) for t, ms in have.items()}
 
 
-def headline(data: dict[str, Any]) -> dict[tuple[str, str], dict[str, float]]:
-    """(run_id, task) -> {mean, low, high} of the task's primary metric, k = smallest, original instruction."""
+def headline(data: dict[str, Any], k: int | None = None) -> dict[tuple[str, str], dict[str, float]]:
+    """(run_id, task) -> {mean, low, high} of the task's primary metric at k shots (default: the fewest),
+    original instruction."""
     primary = primary_metrics(data["scores"])
-    k0 = min((s["k"] for s in data["scores"]), default=0)
+    k = min((s["k"] for s in data["scores"]), default=0) if k is None else k
     return {(s["run_id"], s["task"]): {"mean": s["mean"], "low": s["ci_low"], "high": s["ci_high"]}
-            for s in data["scores"] if s["metric"] == primary[s["task"]] and s["k"] == k0
+            for s in data["scores"] if s["metric"] == primary[s["task"]] and s["k"] == k
             and s["variant"] == "original"}  # fmt: skip
 
 
 def _columns(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
     """Table 1 columns: base, generalist-only, specialist, specialist + generalist (largest amount); seeds pooled."""
+    synth = [k for k, r in runs.items() if r["generalist"] == SELF_SPEC]
+    runs = {k: r for k, r in runs.items() if r["generalist"] != SELF_SPEC}
     top = max((r["amount"] for r in runs.values()), default=0)
     gens = sorted({r["generalist"] for r in runs.values()} - {"none"})
-    cols = [("base", [k for k, r in runs.items() if r["weights"] is None])]
+    cols = [("base", [k for k, r in runs.items() if r["weights"] is None]), ("self-specialized", synth)]
     for g in gens:
         cols.append((f"{g} only", [k for k, r in runs.items() if r["generalist"] == g and r["amount"] == 0]))
     if top:
@@ -62,17 +66,20 @@ def _columns(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
 
 
 def table(data: dict[str, Any]) -> dict[str, Any]:
-    head = headline(data)
-    tasks = sorted({t for _, t in head})
+    """Rows: task (x k when several shot counts were evaluated); columns: see `_columns`."""
+    ks = sorted({s["k"] for s in data["scores"]})
     cols = _columns(data["runs"])
     rows = []
-    for t in tasks:
-        cells = []
-        for _, ids in cols:
-            vals = [head[(i, t)] for i in ids if (i, t) in head]
-            cells.append({"mean": statistics.mean(v["mean"] for v in vals), "low": min(v["low"] for v in vals),
-                          "high": max(v["high"] for v in vals)} if vals else None)  # fmt: skip
-        rows.append({"task": t, "metric": primary_metrics(data["scores"])[t], "cells": cells})
+    for k in ks:
+        head = headline(data, k)
+        for t in sorted({t for _, t in head}):
+            cells = []
+            for _, ids in cols:
+                vals = [head[(i, t)] for i in ids if (i, t) in head]
+                cells.append({"mean": statistics.mean(v["mean"] for v in vals), "low": min(v["low"] for v in vals),
+                              "high": max(v["high"] for v in vals)} if vals else None)  # fmt: skip
+            label = t if len(ks) == 1 else f"{t} (k={k})"
+            rows.append({"task": label, "metric": primary_metrics(data["scores"])[t], "cells": cells})
     return {"columns": [c for c, _ in cols], "rows": rows}
 
 
@@ -82,7 +89,7 @@ def curves(data: dict[str, Any]) -> dict[str, dict[str, list[tuple[int, float, f
     acc: dict[str, dict[str, dict[int, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for (run_id, task), v in head.items():
         r = data["runs"][run_id]
-        if r["weights"] is None:
+        if r["weights"] is None or r["generalist"] == SELF_SPEC:
             continue
         acc[task][r["generalist"]][r["amount"]].append(v)
     out: dict[str, dict[str, list]] = {}
@@ -110,8 +117,8 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     runs = data["runs"]
     primary = primary_metrics(data["scores"])
     k0 = min((s["k"] for s in data["scores"]), default=0)
-    amounts = sorted({r["amount"] for r in runs.values() if r["amount"] > 0})
-    gens = sorted({r["generalist"] for r in runs.values()} - {"none"})
+    amounts = sorted({r["amount"] for r in runs.values() if r["amount"] > 0 and r["generalist"] != SELF_SPEC})
+    gens = sorted({r["generalist"] for r in runs.values()} - {"none", SELF_SPEC})
     out = []
     for g in gens:
         gains = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from specialize import models
-from specialize.experiment.config import ExperimentConfig, RunSpec, expand, fingerprint, scaled
+from specialize.experiment.config import ExperimentConfig, RunSpec, expand, fingerprint
 from specialize.train.config import StageConfig, TrainConfig
 
 SCHEMA = """
@@ -35,8 +35,7 @@ BASE_RUN = "base"
 def train_config(cfg: ExperimentConfig, run: RunSpec) -> TrainConfig:
     stages = []
     if run.generalist is not None:
-        sources = [s.model_copy(update={"amount": scaled(s.amount, cfg.scale)}) for s in run.generalist.sources]
-        stages.append(StageConfig(name="generalist", sources=sources,
+        stages.append(StageConfig(name="generalist", sources=run.generalist.sources,
                                   **cfg.generalist_stage.model_dump()))  # fmt: skip
     if run.amount > 0:
         # the specialist amount is split over the sources (each source then splits over its tasks)
@@ -165,6 +164,33 @@ def run_synth_block(cfg: ExperimentConfig, out: Path) -> Path | None:
     return run_synth(sc)
 
 
+SELF_SPEC = "self-spec"
+
+
+def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path, out: Path) -> None:
+    """Tune a LoRA specialist on the synthetic data (the paper's Table 1 'self-specialized' row) and evaluate it."""
+    from specialize.data import read_records
+    from specialize.train import run_training
+    from specialize.train.mixing import SourceSpec
+
+    n = len(read_records(data).records)
+    stage = StageConfig(name="self-specialization", sources=[SourceSpec(name="synth", path=str(data))],
+                        **cfg.synth_stage.model_dump())  # fmt: skip
+    tc = TrainConfig(model=cfg.models[0], method=cfg.method, lora=cfg.lora, template=cfg.template, stages=[stage],
+                     seed=cfg.seeds[0], output_dir=str(out / "train"), save_every=cfg.save_every)  # fmt: skip
+    start = time.perf_counter()
+    [result] = run_training(tc)
+    train_s = 0.0 if result.reused else time.perf_counter() - start
+    ec, eval_dir = eval_config(cfg, 0, Path(result.output), out)
+    run_id = f"{SELF_SPEC}-it1"
+    if store.done(run_id, str(eval_dir)):
+        return
+    summary, eval_s, _ = _evaluate(ec, eval_dir)
+    store.record(run_id, {"model": cfg.models[0].spec, "generalist": SELF_SPEC, "amount": n, "seed": cfg.seeds[0],
+                          "weights": result.output, "eval_dir": str(eval_dir), "config": tc.model_dump(mode="json"),
+                          "train_s": train_s, "eval_s": eval_s}, _only(summary, "run"))  # fmt: skip
+
+
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run (or resume, or extend) the experiment; returns the results store."""
     from specialize.train import run_training
@@ -175,6 +201,8 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     synth_data = run_synth_block(cfg, out)
     if synth_data is not None:
         store.set_meta("synth", str(synth_data.parent))
+        if cfg.synth_stage is not None:
+            _self_specialize(cfg, store, synth_data, out)
     if cfg.include_base:
         for m in range(len(cfg.models)):
             run_id = BASE_RUN if len(cfg.models) == 1 else f"m{m}-{BASE_RUN}"

@@ -34,6 +34,7 @@ class SourceSpec(BaseModel):
     amount: int | Literal["all"] = "all"
     tasks: list[str] | None = Field(None, description="SuperNI task names (directory sources) to include")
     categories: list[str] | None = Field(None, description="SuperNI categories (directory sources) to include")
+    exclude_tasks: list[str] | None = Field(None, description="SuperNI task names to leave out (held-out tasks)")
     skip_invalid: bool = False
 
     @field_validator("amount")
@@ -62,6 +63,11 @@ def _task_files(spec: SourceSpec) -> list[Path]:
         if missing:
             raise MixError(f"source {spec.label!r}: unknown tasks {missing[:5]} in {root}")
         by_name = {t: by_name[t] for t in spec.tasks}
+    if spec.exclude_tasks:
+        unknown = [t for t in spec.exclude_tasks if t not in by_name]
+        if unknown:
+            raise MixError(f"source {spec.label!r}: unknown tasks to exclude {unknown[:5]} in {root}")
+        by_name = {n: f for n, f in by_name.items() if n not in set(spec.exclude_tasks)}
     if spec.categories:
         wanted = set(spec.categories)
         by_name = {n: f for n, f in by_name.items() if wanted & set(read_superni_task(f).categories)}
@@ -73,7 +79,7 @@ def _task_files(spec: SourceSpec) -> list[Path]:
 def load_source(spec: SourceSpec) -> LoadResult:
     """All records of one source (every task file of a directory source)."""
     path = Path(spec.path)
-    if not path.exists():
+    if not path.exists() and spec.format != "snli":  # the reader's own rule: snli paths name a split
         raise MixError(f"source {spec.label!r}: {path} does not exist")
     mapping = FieldMap(**spec.mapping) if spec.mapping else None
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
@@ -83,8 +89,8 @@ def load_source(spec: SourceSpec) -> LoadResult:
             result.records += part.records
             result.skipped += part.skipped
         return result
-    if spec.tasks or spec.categories:
-        raise MixError(f"source {spec.label!r}: tasks/categories filters need a directory of task files")
+    if spec.tasks or spec.categories or spec.exclude_tasks:
+        raise MixError(f"source {spec.label!r}: task/category filters need a directory of task files")
     return read_records(path, spec.format, mapping=mapping, source=spec.name, skip_invalid=spec.skip_invalid)
 
 
