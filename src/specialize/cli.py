@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="inspect instruction datasets")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    fetch = data_sub.add_parser("fetch", help="download a public dataset from the Hugging Face hub as JSONL")
+    fetch.add_argument("name", help="alpaca-gpt4 | alpaca | dolly | superni")
+    fetch.add_argument("--out", default="data", help="output directory (writes NAME.jsonl)")
+    fetch.add_argument("--from", dest="local", default=None, help="a `datasets.save_to_disk` copy instead of the hub")
+    fetch.add_argument("--limit", type=int, default=None)
     inspect = data_sub.add_parser("inspect", help="counts, fields, token-length percentiles, rendered prompts")
     inspect.add_argument("path", help="file or dataset directory")
     inspect.add_argument("--format", default=None, help="force a reader (default: detect)")
@@ -135,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     _add_model_args(gen)
     return parser
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from specialize.data.fetch import HUB, fetch
+
+    if args.name not in HUB:
+        raise SystemExit(f"unknown dataset {args.name!r}; known: {', '.join(sorted(HUB))}")
+    out, result = fetch(args.name, args.out, local=args.local, limit=args.limit)
+    print(f"{out}: {len(result.records)} records ({HUB[args.name].license}); skipped {len(result.skipped)}")
+    for s in result.skipped[:5]:
+        print(f"  skipped: {s}")
+    return 0
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -348,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {
         ("data", "inspect"): _cmd_data_inspect,
+        ("data", "fetch"): _cmd_data_fetch,
         ("generate", None): _cmd_generate,
         ("train", None): _cmd_train,
         ("eval", None): _cmd_eval,
