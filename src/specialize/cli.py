@@ -35,6 +35,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system message for the chat template")
 
 
+def _model_flags(args: argparse.Namespace, *, template: bool = True) -> list[str]:
+    """`--model/--dtype/--device/--threads` (and `--template`) as config overrides."""
+    flags = [f"model.spec={json.dumps(args.model)}", f"model.dtype={args.dtype}", f"model.device={args.device}"]
+    if args.threads:
+        flags.append(f"model.threads={args.threads}")
+    return flags + ([f"template={args.template}"] if template else [])
+
+
+def _value_flags(**values: object) -> list[str]:
+    """`key=value` overrides for the options the user gave (None = not given)."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
+
+
 def _parse_mapping(items: Sequence[str]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for item in items:
@@ -110,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or resume, or extend) an experiment; only new work is computed")
     run.add_argument("config", help="experiment YAML")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    run.add_argument("--scale", type=float, default=None, help="multiply every data amount (paper scale on a GPU)")
+    run.add_argument("--scale", type=float, default=None, help="multiply the specialist amounts (paper scale on a GPU)")
     run.add_argument("--dry-run", action="store_true", help="print the plan (cached vs new stages, cost) and exit")
     run.add_argument("--tok-per-s", type=float, default=250.0, help="training throughput assumed by --dry-run")
     run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
@@ -253,17 +266,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         flags.append("include_base=false")
     if args.shots:
         flags.append(f"shots=[{args.shots}]")
-    for key, value in (("limit", args.limit), ("output_dir", args.out)):
-        if value is not None:
-            flags.append(f"{key}={value}")
-    model_flags = [f"model.spec={args.model}", f"model.dtype={args.dtype}", f"model.device={args.device}",
-                   f"template={args.template}"]  # fmt: skip
-    if args.threads:
-        model_flags.append(f"model.threads={args.threads}")
+    flags += _value_flags(limit=args.limit, output_dir=args.out)
     if args.config is None and not args.task:
         raise ConfigError("give an eval config file or at least one --task")
     # flags given on the command line win over the file; model flags only when no file sets them
-    base = [] if args.config else model_flags
+    base = [] if args.config else _model_flags(args)
     cfg = load_config(EvalConfig, args.config, base + flags + args.set)
     summary = evaluate(cfg)
     print_summary(summary)
@@ -275,14 +282,10 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from specialize.config import load_config
     from specialize.synth.pipeline import SynthConfig, run_synth
 
-    flags = [] if args.config else [f"model.spec={args.model}", f"model.dtype={args.dtype}"]
-    if args.threads:
-        flags.append(f"model.threads={args.threads}")
-    for key, value in (("domain", args.domain), ("seeds", args.seeds), ("corpus", args.corpus), ("num", args.num),
-                       ("retrieval", args.retrieval), ("top_k", args.top_k), ("adapter", args.adapter),
-                       ("iteration", args.iteration), ("output_dir", args.out)):  # fmt: skip
-        if value is not None:
-            flags.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    flags = [] if args.config else _model_flags(args, template=False)  # synth renders its own prompts
+    flags += _value_flags(domain=args.domain, seeds=args.seeds, corpus=args.corpus, num=args.num,
+                          retrieval=args.retrieval, top_k=args.top_k, adapter=args.adapter, iteration=args.iteration,
+                          output_dir=args.out)  # fmt: skip
     if args.contrastive:
         flags.append("contrastive=true")
     cfg = load_config(SynthConfig, args.config, flags + args.set)
@@ -336,13 +339,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from specialize.config import load_config
     from specialize.serve.server import ServeConfig, serve
 
-    flags = [] if args.config else [f"model.spec={json.dumps(args.model)}", f"model.dtype={args.dtype}",
-                                    f"model.device={args.device}", f"template={args.template}"]  # fmt: skip
-    if args.threads:
-        flags.append(f"model.threads={args.threads}")
-    for key, value in (("host", args.host), ("port", args.port), ("token", args.token)):
-        if value is not None:
-            flags.append(f"{key}={json.dumps(value)}")
+    flags = [] if args.config else _model_flags(args)
+    flags += _value_flags(host=args.host, port=args.port, token=args.token)
     flags += [f"adapters.{name}={json.dumps(path)}" for name, path in map(_split_pair, args.adapter)]
     serve(load_config(ServeConfig, args.config, flags + args.set))
     return 0

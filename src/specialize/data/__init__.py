@@ -7,6 +7,7 @@ from specialize.data.readers import (
     detect_format,
     read_records,
     read_superni_task,
+    source_exists,
 )
 from specialize.data.records import DataError, Example, LoadResult, Skipped, Turn
 from specialize.data.writers import write_jsonl, write_parquet, write_records
@@ -23,6 +24,7 @@ __all__ = [
     "detect_format",
     "read_records",
     "read_superni_task",
+    "source_exists",
     "write_jsonl",
     "write_parquet",
     "write_records",

@@ -516,6 +516,12 @@ def detect_format(path: str | Path) -> str:
     raise DataError(path, None, None, f"cannot tell the format from extension {ext!r}; pass fmt=")
 
 
+def source_exists(path: str | Path, fmt: str | None = None) -> bool:
+    """Whether `path` can name a source. snli paths name a split (<dir>/dev reads s1.dev, s2.dev, labels.dev), so
+    their reader checks its own files."""
+    return fmt == "snli" or Path(path).exists()
+
+
 def read_records(
     path: str | Path,
     fmt: str | None = None,
@@ -538,7 +544,7 @@ def read_records(
     if fmt == "hf-hub":
         return _read_hf_hub(str(path), mapping, source, task, skip_invalid, limit, split)
     path = Path(path)
-    if not path.exists() and fmt != "snli":  # snli names a split: <dir>/dev reads s1.dev, s2.dev, labels.dev
+    if not source_exists(path, fmt):
         raise DataError(path, None, None, "no such file or directory")
     fmt = fmt or detect_format(path)
     fmap = mapping if isinstance(mapping, FieldMap) else FieldMap(**(mapping or {}))

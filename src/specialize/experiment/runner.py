@@ -104,18 +104,31 @@ def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None, o
     return ec, eval_dir
 
 
-def _evaluate(ec, eval_dir: Path) -> tuple[dict[str, Any], float, bool]:
+def _train(tc: TrainConfig) -> tuple[Path, float]:
+    """The run's final weights and the training seconds spent now (0 when every stage came from the cache)."""
+    from specialize.train import run_training
+
+    start = time.perf_counter()
+    results = run_training(tc)
+    return Path(results[-1].output), 0.0 if all(r.reused for r in results) else time.perf_counter() - start
+
+
+def _evaluate_into(store: Store, run_id: str, ec, eval_dir: Path, info: dict[str, Any]) -> None:
+    """Evaluate (or read the cached evaluation) and record the run's scores, unless the store has them."""
     from specialize.eval.harness import evaluate
 
+    if store.done(run_id, str(eval_dir)):
+        return
+    eval_s = 0.0
     if (eval_dir / "summary.json").is_file():
-        return json.loads((eval_dir / "summary.json").read_text()), 0.0, True
-    start = time.perf_counter()
-    summary = evaluate(ec)
-    return summary, time.perf_counter() - start, False
-
-
-def _only(summary: dict[str, Any], model_name: str) -> dict[str, Any]:
-    return {"scores": [s for s in summary["scores"] if s["model"] == model_name]}
+        summary = json.loads((eval_dir / "summary.json").read_text())
+    else:
+        start = time.perf_counter()
+        summary = evaluate(ec)
+        eval_s = time.perf_counter() - start
+    evaluated = "run" if ec.adapters else "base"  # full fine-tuning evaluates the tuned weights as the model
+    scores = {"scores": [s for s in summary["scores"] if s["model"] == evaluated]}
+    store.record(run_id, {**info, "eval_dir": str(eval_dir), "eval_s": eval_s}, scores)
 
 
 def plan(cfg: ExperimentConfig) -> list[dict[str, Any]]:
@@ -170,7 +183,6 @@ SELF_SPEC = "self-spec"
 def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path, out: Path) -> None:
     """Tune a LoRA specialist on the synthetic data (the paper's Table 1 'self-specialized' row) and evaluate it."""
     from specialize.data import read_records
-    from specialize.train import run_training
     from specialize.train.mixing import SourceSpec
 
     n = len(read_records(data).records)
@@ -178,23 +190,15 @@ def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path, out: Path)
                         **cfg.synth_stage.model_dump())  # fmt: skip
     tc = TrainConfig(model=cfg.models[0], method=cfg.method, lora=cfg.lora, template=cfg.template, stages=[stage],
                      seed=cfg.seeds[0], output_dir=str(out / "train"), save_every=cfg.save_every)  # fmt: skip
-    start = time.perf_counter()
-    [result] = run_training(tc)
-    train_s = 0.0 if result.reused else time.perf_counter() - start
-    ec, eval_dir = eval_config(cfg, 0, Path(result.output), out)
-    run_id = f"{SELF_SPEC}-it1"
-    if store.done(run_id, str(eval_dir)):
-        return
-    summary, eval_s, _ = _evaluate(ec, eval_dir)
-    store.record(run_id, {"model": cfg.models[0].spec, "generalist": SELF_SPEC, "amount": n, "seed": cfg.seeds[0],
-                          "weights": result.output, "eval_dir": str(eval_dir), "config": tc.model_dump(mode="json"),
-                          "train_s": train_s, "eval_s": eval_s}, _only(summary, "run"))  # fmt: skip
+    weights, train_s = _train(tc)
+    ec, eval_dir = eval_config(cfg, 0, weights, out)
+    _evaluate_into(store, f"{SELF_SPEC}-it1", ec, eval_dir, {
+        "model": cfg.models[0].spec, "generalist": SELF_SPEC, "amount": n, "seed": cfg.seeds[0],
+        "weights": str(weights), "config": tc.model_dump(mode="json"), "train_s": train_s})  # fmt: skip
 
 
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run (or resume, or extend) the experiment; returns the results store."""
-    from specialize.train import run_training
-
     out = Path(cfg.output_dir)
     store = Store(out / "results.sqlite")
     store.set_meta("config", cfg.model_dump(mode="json"))
@@ -205,28 +209,16 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
             _self_specialize(cfg, store, synth_data, out)
     if cfg.include_base:
         for m in range(len(cfg.models)):
-            run_id = BASE_RUN if len(cfg.models) == 1 else f"m{m}-{BASE_RUN}"
             ec, eval_dir = eval_config(cfg, m, None, out)
-            if store.done(run_id, str(eval_dir)):
-                continue
-            summary, eval_s, _ = _evaluate(ec, eval_dir)
-            store.record(run_id, {"model": cfg.models[m].spec, "generalist": "none", "amount": 0, "seed": 0,
-                                  "weights": None, "eval_dir": str(eval_dir), "config": None, "train_s": 0.0,
-                                  "eval_s": eval_s}, _only(summary, "base"))  # fmt: skip
+            _evaluate_into(store, BASE_RUN if len(cfg.models) == 1 else f"m{m}-{BASE_RUN}", ec, eval_dir, {
+                "model": cfg.models[m].spec, "generalist": "none", "amount": 0, "seed": 0, "weights": None,
+                "config": None, "train_s": 0.0})  # fmt: skip
     for run in expand(cfg):
-        run_id = run.run_id(cfg)
         tc = train_config(cfg, run)
-        start = time.perf_counter()
-        results = run_training(tc)
-        train_s = 0.0 if all(r.reused for r in results) else time.perf_counter() - start
-        weights = Path(results[-1].output)
+        weights, train_s = _train(tc)
         ec, eval_dir = eval_config(cfg, run.model_index, weights, out)
-        if store.done(run_id, str(eval_dir)):
-            continue
-        summary, eval_s, _ = _evaluate(ec, eval_dir)
-        name = "run" if ec.adapters else "base"
-        store.record(run_id, {"model": cfg.models[run.model_index].spec, "generalist": run.generalist_name,
-                              "amount": run.amount, "seed": run.seed, "weights": str(weights),
-                              "eval_dir": str(eval_dir), "config": tc.model_dump(mode="json"), "train_s": train_s,
-                              "eval_s": eval_s}, _only(summary, name))  # fmt: skip
+        _evaluate_into(store, run.run_id(cfg), ec, eval_dir, {
+            "model": cfg.models[run.model_index].spec, "generalist": run.generalist_name, "amount": run.amount,
+            "seed": run.seed, "weights": str(weights), "config": tc.model_dump(mode="json"),
+            "train_s": train_s})  # fmt: skip
     return out / "results.sqlite"

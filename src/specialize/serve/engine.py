@@ -59,7 +59,6 @@ class Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.perf_counter)
 
     def push(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)

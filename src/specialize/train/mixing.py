@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from specialize.data import Example, FieldMap, LoadResult, read_records
+from specialize.data import Example, FieldMap, LoadResult, read_records, source_exists
 
 
 class MixError(ValueError):
@@ -79,7 +79,7 @@ def _task_files(spec: SourceSpec) -> list[Path]:
 def load_source(spec: SourceSpec) -> LoadResult:
     """All records of one source (every task file of a directory source)."""
     path = Path(spec.path)
-    if not path.exists() and spec.format != "snli":  # the reader's own rule: snli paths name a split
+    if not source_exists(path, spec.format):
         raise MixError(f"source {spec.label!r}: {path} does not exist")
     mapping = FieldMap(**spec.mapping) if spec.mapping else None
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
