@@ -36,6 +36,19 @@ def test_prefix_reuse_matches_independent_scoring(tiny_model, gpt2_style_tokeniz
     _check(tiny_model, gpt2_style_tokenizer, examples, options)
 
 
+def test_option_rows_split_over_passes_score_the_same(tiny_model, gpt2_style_tokenizer, monkeypatch):
+    # a task with hundreds of options is scored in bounded passes, each on its own copy of the prefix cache
+    import specialize.eval.options as options_module
+
+    monkeypatch.setattr(options_module, "ROWS_PER_PASS", 3)
+    examples = [
+        Example(id="a", instruction="Name a feeling.", output="joy"),
+        Example(id="b", instruction="Hm?", output="x"),
+    ]
+    options = [["joy", "anger", "a deep sadness", "fear", "surprise"], ["yes", "no, not at all", "maybe"]]
+    _check(tiny_model, gpt2_style_tokenizer, examples, options)
+
+
 def test_embedded_model_boundary_tokens(embedded):
     """Prompts ending in a space and options starting with punctuation or a space: the joint text would
     merge tokens across the join; separate tokenization keeps the option's tokens intact and scorable."""

@@ -54,8 +54,17 @@ def test_ner_sentences_and_entities(shared_data: Path):
 
 
 def test_superni_category_expands_to_tasks_with_task_level_options(shared_data: Path):
-    tasks = load_tasks(load_task_spec("superni_sentiment", str(shared_data)))
-    assert len(tasks) == 42
+    # 42 sentiment tasks; two have a single distinct output (nothing to rank) and are left out, with a warning
+    with pytest.warns(UserWarning, match="left out 2 task.*task512_twitter_emotion_classification"):
+        tasks = load_tasks(load_task_spec("superni_sentiment", str(shared_data)))
+    assert len(tasks) == 40 and tasks[0].metadata["left_out"] == [
+        "task512_twitter_emotion_classification", "task902_deceptive_opinion_spam_classification"]  # fmt: skip
+    single = load_task_spec("superni_sentiment", str(shared_data))
+    single = single.model_copy(
+        update={"superni": single.superni.model_copy(update={"tasks": ["task512_twitter_emotion_classification"]})}
+    )
+    with pytest.raises(ConfigError, match="task512.*nothing to rank"):
+        load_tasks(single)
     t1312 = next(t for t in tasks if t.name == "task1312_amazonreview_polarity_classification")
     assert t1312.options == ["negative", "positive"]
     assert len(t1312.examples) == 100 and len(t1312.demos) == 3

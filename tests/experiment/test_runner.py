@@ -3,6 +3,7 @@ results store, report (rendered by headless Chromium)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,12 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from specialize.experiment.config import ExperimentConfig, expand, load_experiment
 from specialize.experiment.quickstart import examples_dir
 from specialize.experiment.report import render
-from specialize.experiment.runner import plan, run_experiment
+from specialize.experiment.runner import cache_lock, evaluation_ids, plan, run_experiment, train_config
+from specialize.train.sft import TrainConfigError, prepare_stages
 
 
 def experiment(tiny_model_dir: Path, out: Path, **changes) -> dict:
@@ -90,6 +93,47 @@ def test_second_run_computes_nothing_and_the_plan_says_so(tiny_model_dir, tmp_pa
                                    tmp_path / "exp2.yaml"))  # fmt: skip
     run_experiment(bigger)
     assert len(calls) == 2  # none-n24 and gen-n24
+
+
+def test_experiments_sharing_a_cache_reuse_each_others_stages(tiny_model_dir, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    first = load_experiment(write(experiment(tiny_model_dir, tmp_path / "a", cache_dir=cache, amounts=[0, 8]),
+                                  tmp_path / "a.yaml"))  # fmt: skip
+    run_experiment(first)
+    assert not (tmp_path / "a/train").exists() and len(list((tmp_path / "cache/train/stages").iterdir())) == 3
+
+    import specialize.eval.harness as harness
+    import specialize.train.sft as sft
+
+    def fail(*a, **k):
+        raise AssertionError("a stage cached by another experiment was computed again")
+
+    monkeypatch.setattr(harness, "evaluate", fail)
+    monkeypatch.setattr(sft, "build_model", fail)
+    gen = first.generalists[1].model_dump(mode="json")
+    second = load_experiment(write(experiment(tiny_model_dir, tmp_path / "b", cache_dir=cache, generalists=[gen],
+                                              amounts=[8]), tmp_path / "b.yaml"))  # fmt: skip
+    run_experiment(second)
+    # the second experiment's own store holds the shared runs' scores
+    shared = {"base", "gen-n8-s0"}
+    assert scores(tmp_path / "b") == [r for r in scores(tmp_path / "a") if r[0] in shared]
+    with cache_lock(first.cache), pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
+        run_experiment(second)  # one runner per cache: a second one is refused, naming the holder
+
+
+def test_specialist_mix_never_trains_on_evaluation_instances(tiny_model_dir, tmp_path):
+    # the hotel task is both the specialist data (192 examples) and the test set (12 instances)
+    cfg = load_experiment(write(experiment(tiny_model_dir, tmp_path / "out", generalists=[None], amounts=[180],
+                                           specialist=[{"path": "{data_root}/hotel_reviews.jsonl"}]),
+                                tmp_path / "exp.yaml"))  # fmt: skip
+    held = evaluation_ids(cfg)
+    assert len(held) == 12
+    (run,) = expand(cfg)
+    (stage,) = prepare_stages(train_config(cfg, run, held))
+    assert len(stage.examples) == 180 and not {e.id for e in stage.examples} & set(held)
+    assert stage.manifest["sources"][0]["excluded"] == 12
+    with pytest.raises(TrainConfigError, match="asked for 181 examples but only 180"):
+        prepare_stages(train_config(cfg, dataclasses.replace(run, amount=181), held))
 
 
 def test_killed_run_resumes_to_the_same_results(tiny_model_dir, tmp_path):

@@ -365,6 +365,7 @@ def manifest(cfg: EvalConfig, tokenizer: Any, tasks: list[LoadedTask]) -> dict[s
             t.name: {
                 "n": len(t.examples),
                 "ids_sha256": hashlib.sha256("\n".join(e.id for e in t.examples).encode()).hexdigest(),
+                **({"group_left_out": t.metadata["left_out"]} if "left_out" in t.metadata else {}),
             }
             for t in tasks
         },

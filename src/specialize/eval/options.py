@@ -10,6 +10,7 @@ known lm-evaluation-harness failure. Per batch of examples (grouped by prompt le
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,10 @@ import torch.nn.functional as F
 from specialize.generation.hf import left_pad
 from specialize.models import Precision, inference_mode, select_precision
 from specialize.prompts import encode_response
+
+# Rows (example x option) per forward pass: bounds memory when a task has hundreds of options, since the pass
+# holds rows x option length x vocabulary logits.
+ROWS_PER_PASS = 64
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,18 @@ def _score_batch(model, prompts, option_ids, pad, device) -> list[list[float]]:
     first_logp = F.log_softmax(first.logits[:, -1].float(), dim=-1)  # predicts each option's first token
 
     rows = [(b, t) for b, opts in enumerate(option_ids) for t in opts]
+    scores: list[list[float]] = [[] for _ in option_ids]
+    for lo in range(0, len(rows), ROWS_PER_PASS):
+        chunk = rows[lo : lo + ROWS_PER_PASS]
+        # reorder_cache works in place: every chunk but a lone one needs its own copy of the prefix cache
+        cache = first.past_key_values if len(rows) <= ROWS_PER_PASS else copy.deepcopy(first.past_key_values)
+        for (b, _), lp in zip(chunk, _score_rows(model, cache, mask, first_logp, chunk, pad, device), strict=True):
+            scores[b].append(lp)
+    return scores
+
+
+def _score_rows(model, cache, mask, first_logp, rows, pad, device) -> list[float]:
+    """Log-likelihood of each (example, option tokens) row, continuing its example's cached prompt."""
     owner = torch.tensor([b for b, _ in rows])
     length = max(len(t) for _, t in rows)
     opt = torch.full((len(rows), length), pad, dtype=torch.long)
@@ -81,7 +98,6 @@ def _score_batch(model, prompts, option_ids, pad, device) -> list[list[float]]:
     for r, (_, t) in enumerate(rows):
         opt[r, : len(t)] = torch.tensor(t)
         opt_mask[r, : len(t)] = 1
-    cache = first.past_key_values
     cache.reorder_cache(owner.to(device))  # row r reads the prefix of its own example
     prompt_len = mask.sum(-1)[owner]
     opt_positions = prompt_len[:, None] + torch.arange(length)[None, :]
@@ -93,10 +109,10 @@ def _score_batch(model, prompts, option_ids, pad, device) -> list[list[float]]:
         use_cache=True,
     )
     later_logp = F.log_softmax(second.logits[:, :-1].float(), dim=-1)  # position j predicts token j + 1
-    scores: list[list[float]] = [[] for _ in option_ids]
+    scores = []
     for r, (b, t) in enumerate(rows):
         lp = first_logp[b, t[0]].item()
         if len(t) > 1:
             lp += later_logp[r, torch.arange(len(t) - 1), torch.tensor(t[1:])].sum().item()
-        scores[b].append(lp)
+        scores.append(lp)
     return scores

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -196,7 +197,7 @@ def _load_superni(spec: TaskSpec, seed: int) -> list[LoadedTask]:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ConfigError(f"task {spec.name}: unknown SuperNI tasks {unknown[:5]} in {root}")
-    loaded = []
+    loaded, left_out = [], []
     for name in names:
         t = read_superni_task(by_name[name])
         if sel.categories and not set(sel.categories) & set(t.categories):
@@ -204,6 +205,11 @@ def _load_superni(spec: TaskSpec, seed: int) -> list[LoadedTask]:
         examples = t.instances.records
         per_task = spec.model_copy(update={"name": name})
         options = _task_options(examples) if spec.protocol == "options" else None
+        if options is not None and len(options) < 2:  # one distinct output: ranking is trivially right
+            if sel.tasks:
+                raise ConfigError(f"task {name}: {len(options)} distinct output(s), nothing to rank by options")
+            left_out.append(name)
+            continue
         loaded.append(
             LoadedTask(
                 name,
@@ -216,6 +222,11 @@ def _load_superni(spec: TaskSpec, seed: int) -> list[LoadedTask]:
         )
     if not loaded:
         raise ConfigError(f"task {spec.name}: no SuperNI task matches {sel.categories or sel.tasks}")
+    if left_out:
+        warnings.warn(f"task {spec.name}: left out {len(left_out)} task(s) with one distinct output, nothing to "
+                      f"rank: {', '.join(left_out)}", stacklevel=2)  # fmt: skip
+        for t in loaded:
+            t.metadata["left_out"] = left_out
     return loaded
 
 

@@ -76,6 +76,15 @@ class ExperimentConfig(BaseModel):
     synth: dict[str, Any] | None = Field(None, description="a self-specialization round (SynthConfig fields)")
     synth_stage: StageSettings | None = Field(None, description="then tune a LoRA on the synthetic data and evaluate")
     output_dir: str = "runs/experiment"
+    cache_dir: str | None = Field(
+        None,
+        description="where trained stages and evaluations are cached (content-"
+        "addressed); experiments sharing it reuse each other's stages. None = output_dir",
+    )
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir or self.output_dir)
 
 
 @dataclass(frozen=True)

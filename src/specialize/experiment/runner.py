@@ -1,18 +1,24 @@
 """`specialize run EXPERIMENT.yaml`: expand the grid, then for every run train (two stages) and evaluate,
 computing only what is new.
 
-Caching is by content: training stages live in `<out>/train/stages/<name>-<hash>` (a stage keyed by model,
+Caching is by content: training stages live in `<cache>/train/stages/<name>-<hash>` (a stage keyed by model,
 method, settings, data ids, seed and parent stage), so the generalist stage is trained once and shared by
-every specialist amount; evaluations live in `<out>/eval/<hash>` keyed by the eval settings and the
-evaluated weights' sha256. A finished artifact is never recomputed; a crash leaves unfinished stages to
-resume from their checkpoints. Every run's config, scores (with CIs) and timings go to `<out>/results.sqlite`.
+every specialist amount; evaluations live in `<cache>/eval/<hash>` keyed by the eval settings and the
+evaluated weights' sha256. `<cache>` is the experiment's `cache_dir` (default: its output_dir); experiments
+that name the same one share stages, e.g. the presets' common LIMA stage is trained once for all of
+them. A finished artifact is never recomputed; a crash leaves unfinished stages to resume from their
+checkpoints. Every run's config, scores (with CIs) and timings go to `<out>/results.sqlite`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,18 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 BASE_RUN = "base"
 
 
-def train_config(cfg: ExperimentConfig, run: RunSpec) -> TrainConfig:
+def evaluation_ids(cfg: ExperimentConfig) -> list[str]:
+    """Ids of every instance the experiment evaluates on: specialist mixes never train on them (SuperNI tasks
+    are both the task data and the test set, as in Shi et al.'s in-task evaluation)."""
+    from specialize.eval.harness import prepare
+
+    tasks, _ = prepare(eval_config(cfg, 0, None)[0])
+    return sorted({e.id for t in tasks for e in t.examples})
+
+
+def train_config(cfg: ExperimentConfig, run: RunSpec, exclude: list[str] | None = None) -> TrainConfig:
+    """The run's training: an optional generalist stage, then the specialist stage on the run's amount, drawn
+    from everything but `exclude` (the evaluation instances)."""
     stages = []
     if run.generalist is not None:
         stages.append(StageConfig(name="generalist", sources=run.generalist.sources,
@@ -41,10 +58,11 @@ def train_config(cfg: ExperimentConfig, run: RunSpec) -> TrainConfig:
         # the specialist amount is split over the sources (each source then splits over its tasks)
         share = [run.amount // len(cfg.specialist) + (i < run.amount % len(cfg.specialist))
                  for i in range(len(cfg.specialist))]  # fmt: skip
-        sources = [s.model_copy(update={"amount": n}) for s, n in zip(cfg.specialist, share, strict=True) if n]
+        sources = [s.model_copy(update={"amount": n, "exclude_ids": exclude or None})
+                   for s, n in zip(cfg.specialist, share, strict=True) if n]  # fmt: skip
         stages.append(StageConfig(name="specialist", sources=sources, **cfg.specialist_stage.model_dump()))
     return TrainConfig(model=cfg.models[run.model_index], method=cfg.method, lora=cfg.lora, template=cfg.template,
-                       stages=stages, seed=run.seed, output_dir=str(Path(cfg.output_dir) / "train"),
+                       stages=stages, seed=run.seed, output_dir=str(cfg.cache / "train"),
                        save_every=cfg.save_every, progress=True)  # fmt: skip
 
 
@@ -84,7 +102,7 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
 
-def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None, out: Path):
+def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None):
     """The evaluation of one set of weights (None = the base model), and its cache directory."""
     from specialize.eval.harness import EvalConfig
 
@@ -93,7 +111,7 @@ def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None, o
     key = {"eval": e.model_dump(mode="json"), "template": cfg.template, "data_root": cfg.data_root,
            "model": {k: v for k, v in models.describe(model.spec).items() if k != "location"},
            "weights": _weights_hash(weights) if weights else None}  # fmt: skip
-    eval_dir = out / "eval" / fingerprint(key)
+    eval_dir = cfg.cache / "eval" / fingerprint(key)
     adapter = weights is not None and (weights / "adapter_config.json").is_file()
     if weights is not None and not adapter:  # full fine-tuning: the stage's weights are the model
         model = model.model_copy(update={"spec": str(weights)})
@@ -135,9 +153,9 @@ def plan(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """What a run would do: per grid point, its stages (cached or to train, with example counts)."""
     from specialize.train.sft import planned_stage_dirs, prepare_stages
 
-    rows = []
+    rows, exclude = [], evaluation_ids(cfg)
     for run in expand(cfg):
-        tc = train_config(cfg, run)
+        tc = train_config(cfg, run, exclude)
         prepared = prepare_stages(tc)
         stages = []
         for prep, sdir in zip(prepared, planned_stage_dirs(tc, prepared), strict=True):
@@ -180,7 +198,7 @@ def run_synth_block(cfg: ExperimentConfig, out: Path) -> Path | None:
 SELF_SPEC = "self-spec"
 
 
-def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path, out: Path) -> None:
+def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path) -> None:
     """Tune a LoRA specialist on the synthetic data (the paper's Table 1 'self-specialized' row) and evaluate it."""
     from specialize.data import read_records
     from specialize.train.mixing import SourceSpec
@@ -189,16 +207,40 @@ def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path, out: Path)
     stage = StageConfig(name="self-specialization", sources=[SourceSpec(name="synth", path=str(data))],
                         **cfg.synth_stage.model_dump())  # fmt: skip
     tc = TrainConfig(model=cfg.models[0], method=cfg.method, lora=cfg.lora, template=cfg.template, stages=[stage],
-                     seed=cfg.seeds[0], output_dir=str(out / "train"), save_every=cfg.save_every)  # fmt: skip
+                     seed=cfg.seeds[0], output_dir=str(cfg.cache / "train"), save_every=cfg.save_every)  # fmt: skip
     weights, train_s = _train(tc)
-    ec, eval_dir = eval_config(cfg, 0, weights, out)
+    ec, eval_dir = eval_config(cfg, 0, weights)
     _evaluate_into(store, f"{SELF_SPEC}-it1", ec, eval_dir, {
         "model": cfg.models[0].spec, "generalist": SELF_SPEC, "amount": n, "seed": cfg.seeds[0],
         "weights": str(weights), "config": tc.model_dump(mode="json"), "train_s": train_s})  # fmt: skip
 
 
+@contextlib.contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """One runner per cache at a time: two processes training the same stage would corrupt its checkpoints."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RuntimeError(
+                f"{cache} is in use by another `specialize run` ({f.read().strip() or 'unknown'}); "
+                "wait for it or give this experiment another cache_dir"
+            ) from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+
+
 def run_experiment(cfg: ExperimentConfig) -> Path:
     """Run (or resume, or extend) the experiment; returns the results store."""
+    with cache_lock(cfg.cache):
+        return _run(cfg)
+
+
+def _run(cfg: ExperimentConfig) -> Path:
     out = Path(cfg.output_dir)
     store = Store(out / "results.sqlite")
     store.set_meta("config", cfg.model_dump(mode="json"))
@@ -206,17 +248,18 @@ def run_experiment(cfg: ExperimentConfig) -> Path:
     if synth_data is not None:
         store.set_meta("synth", str(synth_data.parent))
         if cfg.synth_stage is not None:
-            _self_specialize(cfg, store, synth_data, out)
+            _self_specialize(cfg, store, synth_data)
     if cfg.include_base:
         for m in range(len(cfg.models)):
-            ec, eval_dir = eval_config(cfg, m, None, out)
+            ec, eval_dir = eval_config(cfg, m, None)
             _evaluate_into(store, BASE_RUN if len(cfg.models) == 1 else f"m{m}-{BASE_RUN}", ec, eval_dir, {
                 "model": cfg.models[m].spec, "generalist": "none", "amount": 0, "seed": 0, "weights": None,
                 "config": None, "train_s": 0.0})  # fmt: skip
+    exclude = evaluation_ids(cfg)
     for run in expand(cfg):
-        tc = train_config(cfg, run)
+        tc = train_config(cfg, run, exclude)
         weights, train_s = _train(tc)
-        ec, eval_dir = eval_config(cfg, run.model_index, weights, out)
+        ec, eval_dir = eval_config(cfg, run.model_index, weights)
         _evaluate_into(store, run.run_id(cfg), ec, eval_dir, {
             "model": cfg.models[run.model_index].spec, "generalist": run.generalist_name, "amount": run.amount,
             "seed": run.seed, "weights": str(weights), "config": tc.model_dump(mode="json"),

@@ -35,6 +35,7 @@ class SourceSpec(BaseModel):
     tasks: list[str] | None = Field(None, description="SuperNI task names (directory sources) to include")
     categories: list[str] | None = Field(None, description="SuperNI categories (directory sources) to include")
     exclude_tasks: list[str] | None = Field(None, description="SuperNI task names to leave out (held-out tasks)")
+    exclude_ids: list[str] | None = Field(None, description="example ids never to train on (e.g. test instances)")
     skip_invalid: bool = False
 
     @field_validator("amount")
@@ -139,10 +140,12 @@ def build_mix(sources: Sequence[SourceSpec], seed: int) -> tuple[list[Example], 
     manifest: dict[str, Any] = {"seed": seed, "sources": []}
     for spec in sources:
         loaded = load_source(spec)
-        if not loaded.records:
+        excluded = set(spec.exclude_ids or ())
+        records = [r for r in loaded.records if r.id not in excluded]
+        if not records:
             raise MixError(f"source {spec.label!r}: no usable records in {spec.path}")
         try:
-            chosen = sample_source(loaded.records, spec.amount, seed)
+            chosen = sample_source(records, spec.amount, seed)
         except MixError as e:
             raise MixError(f"source {spec.label!r}: {e}") from None
         examples += chosen
@@ -154,7 +157,8 @@ def build_mix(sources: Sequence[SourceSpec], seed: int) -> tuple[list[Example], 
                 "name": spec.label,
                 "path": spec.path,
                 "amount": spec.amount,
-                "available": len(loaded.records),
+                "available": len(records),
+                "excluded": len(loaded.records) - len(records),
                 "skipped": [str(s) for s in loaded.skipped],
                 "selected": len(chosen),
                 "per_task": dict(sorted(tasks.items())),
