@@ -110,6 +110,38 @@ def _example_scores(eval_dir: str, model: str, primary: dict[str, str], k0: int)
     return out
 
 
+def _evaluated(run: dict[str, Any]) -> str:
+    """The model name a run's predictions carry: its adapter ("run"), or the weights themselves ("base")."""
+    adapter = run["weights"] is not None and (Path(run["weights"]) / "adapter_config.json").is_file()
+    return "run" if adapter else "base"
+
+
+def self_spec_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Kang et al.'s Table 1, tested on these numbers: the self-specialized model beats its base model. Per shot
+    count: paired bootstrap of (self-specialized - base), pooled over tasks and examples."""
+    runs = data["runs"].values()
+    synth = [r for r in runs if r["generalist"] == SELF_SPEC]
+    base = [r for r in runs if r["weights"] is None]
+    if not synth or not base:
+        return []
+    primary = primary_metrics(data["scores"])
+    out = []
+    for k in sorted({s["k"] for s in data["scores"]}):
+        a = _example_scores(synth[0]["eval_dir"], _evaluated(synth[0]), primary, k)
+        b = _example_scores(base[0]["eval_dir"], "base", primary, k)
+        keys = sorted(a.keys() & b.keys())
+        if not keys:
+            continue
+        d = paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference
+        holds = d.low > 0
+        text = (f"Self-specialization changes the score by {d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}] points at "
+                f"k={k} ({len({t for t, _ in keys})} tasks, {len(keys)} examples): "
+                + ("better than the base model, as Kang et al. find" if holds else
+                   "no significant gain over the base model; the finding does not hold at this scale"))  # fmt: skip
+        out.append({"finding": "self-specialization", "k": k, "holds": holds, "text": text, "gain": vars(d)})
+    return out
+
+
 def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Shi et al.'s central finding, tested on these numbers: generalist data helps the specialist most when
     task data is scarce. Per generalist source: paired bootstrap of (with - without) at the smallest and the
@@ -127,8 +159,8 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
             without = [r for r in runs.values() if r["generalist"] == "none" and r["amount"] == n and r["seed"] == 0]
             if not with_g or not without:
                 continue
-            a = _example_scores(with_g[0]["eval_dir"], "run", primary, k0)
-            b = _example_scores(without[0]["eval_dir"], "run", primary, k0)
+            a = _example_scores(with_g[0]["eval_dir"], _evaluated(with_g[0]), primary, k0)
+            b = _example_scores(without[0]["eval_dir"], _evaluated(without[0]), primary, k0)
             keys = sorted(a.keys() & b.keys())
             gains[n] = paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference
         if len(gains) == 2:
@@ -140,13 +172,14 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
                     + ("larger when task data is scarce, as the paper finds" if holds else
                        "not larger when task data is scarce; the paper's finding does not hold at this scale")
                     + ("" if lo.low > 0 or lo.high < 0 else " (the small-data gain's CI includes 0)"))  # fmt: skip
-            out.append({"generalist": g, "holds": holds, "text": text,
+            out.append({"finding": "generalist-gain", "generalist": g, "holds": holds, "text": text,
                         "gain_small": vars(lo), "gain_large": vars(hi)})  # fmt: skip
         elif len(gains) == 1:
             ((n, d),) = gains.items()
-            out.append({"generalist": g, "holds": None, "text": f"Generalist data ({g}) adds {d.mean:+.1f} "
-                        f"[{d.low:+.1f}, {d.high:+.1f}] points at n={n} (one amount: no trend to test)."})  # fmt: skip
-    return out
+            text = (f"Generalist data ({g}) adds {d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}] points at n={n} "
+                    "(one amount: no trend to test).")  # fmt: skip
+            out.append({"finding": "generalist-gain", "generalist": g, "holds": None, "text": text, "gain": vars(d)})
+    return out + self_spec_findings(data)
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -246,7 +279,7 @@ def render(run_dir: str | Path) -> Path:
 <p>{html.escape(cfg.get("description", ""))}</p><p class="ci">{html.escape(cfg.get("scale_note", ""))}</p>
 <h2>Results</h2><p>Primary metric per task, original instruction, 95% bootstrap CI in brackets.</p>
 <table id="results"><tr><th>task</th>{head}</tr>{body}</table>
-<h2>Findings at this scale</h2><ul id="findings">{finding_items or "<li>no generalist vs specialist comparison in this grid</li>"}</ul>
+<h2>Findings at this scale</h2><ul id="findings">{finding_items or "<li>no comparison to test in this grid</li>"}</ul>
 <h2>Score vs specialist data</h2>{_img(png, "score vs specialist amount")}
 {_synth_section(data["meta"])}
 <h2>Runs</h2><table><tr><th>run</th><th>train s</th><th>eval s</th></tr>{timings}</table>

@@ -1,0 +1,54 @@
+"""Findings are computed from per-example predictions: the self-specialization finding on hand-made evaluations."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from specialize.experiment.report import findings
+from specialize.experiment.runner import BASE_RUN, SELF_SPEC
+
+
+def _eval_dir(path: Path, model: str, scores: dict[tuple[str, int], list[float]]) -> str:
+    path.mkdir()
+    lines = [json.dumps({"model": model, "task": task, "k": k, "variant": "original", "id": f"{task}-{i}",
+                         "scores": {"accuracy": v}})
+             for (task, k), values in scores.items() for i, v in enumerate(values)]  # fmt: skip
+    (path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _data(tmp_path: Path, base: dict, tuned: dict) -> dict:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    run = {"amount": 40, "seed": 0}
+    runs = {
+        BASE_RUN: {**run, "generalist": "none", "amount": 0, "weights": None,
+                   "eval_dir": _eval_dir(tmp_path / "base", "base", base)},
+        "self-spec-it1": {**run, "generalist": SELF_SPEC, "weights": str(adapter),
+                          "eval_dir": _eval_dir(tmp_path / "tuned", "run", tuned)},
+    }  # fmt: skip
+    scores = [{"run_id": r, "task": t, "k": k, "variant": "original", "metric": "accuracy", "mean": 0.0}
+              for r in runs for t, k in base]  # fmt: skip
+    return {"runs": runs, "scores": scores, "meta": {}}
+
+
+@pytest.mark.parametrize("better", [True, False])
+def test_self_specialization_finding_is_a_paired_difference_per_shot_count(tmp_path: Path, better: bool):
+    rng = random.Random(0)
+    base = {(t, k): [float(rng.random() < 0.5) * 100 for _ in range(60)] for t in ("a", "b") for k in (0, 5)}
+    # the tuned model fixes every wrong answer of task a at k=0 (or breaks every right one)
+    tuned = {key: list(v) for key, v in base.items()}
+    tuned[("a", 0)] = [100.0 if better else 0.0] * 60
+    found = findings(_data(tmp_path, base, tuned))
+    assert [f["k"] for f in found] == [0, 5] and all(f["finding"] == "self-specialization" for f in found)
+    k0, k5 = found
+    wrong = sum(v == 0 for v in base[("a", 0)])
+    expected = (wrong if better else -(60 - wrong)) * 100 / 120  # pooled over both tasks' 120 examples
+    assert k0["gain"]["mean"] == pytest.approx(expected)
+    assert k0["holds"] is better and "k=0 (2 tasks, 120 examples)" in k0["text"]
+    assert k5["gain"]["mean"] == 0 and k5["holds"] is False  # identical predictions: no gain
