@@ -39,6 +39,13 @@ def test_parse_malformed_generations():
     assert [(i.instruction, i.input) for i in items] == [("garbage 5. Instruction: X", "Y"), ("Z", "W")]
 
 
+def test_input_without_its_instruction_is_dropped_not_merged_into_the_previous_input():
+    gen = " Name the gene.\n4. Input:\nBRCA1\n5. Input:\nTP53 is mutated.\n6. Instruction: Define it\n6. Input: x\n"
+    items, counts = parse_generated(gen, 4, truncated=False)
+    assert [(i.instruction, i.input) for i in items] == [("Name the gene.", "BRCA1"), ("Define it", "x")]
+    assert counts["orphan_input"] == 1
+
+
 def test_expert_template():
     t = ExpertTemplate("biomedical", "Aspirin inhibits COX.")
     text = t.render("Explain the mechanism.", "aspirin")

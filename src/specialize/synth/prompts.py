@@ -83,12 +83,13 @@ def parse_generated(
     """(instruction, input) pairs from the model's continuation of `N. Instruction:`.
 
     Items without an `Input:` line are counted and dropped (or, with `require_input=False`, kept with an
-    empty input: small models often skip the line); when generation hit the length limit the last item may
-    be cut off mid-way, so it is dropped too (as the paper does).
+    empty input: small models often skip the line); an `Input:` line with no instruction of its own is
+    counted and dropped rather than appended to the previous item's input; when generation hit the length
+    limit the last item may be cut off mid-way, so it is dropped too (as the paper does).
     """
     full = f"{first_number}. Instruction: " + text
     starts = list(_ITEM.finditer(full))
-    counts = {"items": len(starts), "no_input": 0, "truncated_last": 0, "empty": 0}
+    counts = {"items": len(starts), "no_input": 0, "truncated_last": 0, "empty": 0, "orphan_input": 0}
     items: list[Parsed] = []
     for i, m in enumerate(starts):
         body = full[m.end() : starts[i + 1].start() if i + 1 < len(starts) else len(full)]
@@ -103,7 +104,9 @@ def parse_generated(
                 continue
             parts = ["", ""]
             instruction = _OUTPUT.split(instruction, maxsplit=1)[0].strip()
-        input_ = _OUTPUT.split(parts[1], maxsplit=1)[0].strip()  # models sometimes add an output
+        input_, *orphans = _INPUT.split(parts[1])  # a second `N. Input:` is an item that lost its instruction
+        counts["orphan_input"] += len(orphans)
+        input_ = _OUTPUT.split(input_, maxsplit=1)[0].strip()  # models sometimes add an output
         input_ = "" if input_ == NO_INPUT or input_.lower() == NO_INPUT else input_
         if not instruction:
             counts["empty"] += 1
