@@ -7,7 +7,7 @@ import torch
 
 from specialize.data import Example
 from specialize.eval.loglik import response_logliks
-from specialize.eval.options import score_options
+from specialize.eval.options import MIN_SHARED_PREFIX, score_options, shared_prefix_length
 from specialize.models import Precision
 from specialize.prompts import AlpacaTemplate, encode_prompt, render_prompt
 
@@ -47,6 +47,22 @@ def test_option_rows_split_over_passes_score_the_same(tiny_model, gpt2_style_tok
     ]
     options = [["joy", "anger", "a deep sadness", "fear", "surprise"], ["yes", "no, not at all", "maybe"]]
     _check(tiny_model, gpt2_style_tokenizer, examples, options)
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2, 9]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # each prompt keeps a token of its own
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+
+
+def test_task_definition_shared_by_the_batch_is_computed_once_and_scores_the_same(tiny_model, gpt2_style_tokenizer):
+    # SuperNI-style: one long definition, inputs of different lengths -> a gap between prefix and left-padded rest
+    definition = "In this task you are given a product review. Classify its sentiment as positive or negative. " * 2
+    inputs = ["Great.", "It broke after two days and support never answered my emails.", "Fine, I guess?"]
+    examples = [Example(id=str(i), instruction=definition, input=x, output="positive") for i, x in enumerate(inputs)]
+    prompts = [encode_prompt(render_prompt(e, T), T, gpt2_style_tokenizer) for e in examples]
+    assert shared_prefix_length(prompts) >= MIN_SHARED_PREFIX + 20
+    _check(tiny_model, gpt2_style_tokenizer, examples, [["positive", "negative"]] * 3)
 
 
 def test_embedded_model_boundary_tokens(embedded):

@@ -4,7 +4,8 @@ Prompt and option are tokenized separately (the training rule), so a token that 
 join in a joint tokenization cannot make the option's tokens misalign with the prompt's: the cause of a
 known lm-evaluation-harness failure. Per batch of examples (grouped by prompt length):
 
-  1. one forward over the left-padded prompts, keeping the KV cache and the last position's distribution;
+  1. one forward over the left-padded prompts, keeping the KV cache and the last position's distribution
+     (a prefix the whole batch shares, such as a task definition, is computed once and broadcast);
   2. one forward over every option of every example, each row reading its own example's cached prefix.
 """
 
@@ -25,6 +26,8 @@ from specialize.prompts import encode_response
 # Rows (example x option) per forward pass: bounds memory when a task has hundreds of options, since the pass
 # holds rows x option length x vocabulary logits.
 ROWS_PER_PASS = 64
+# A batch-wide common prefix shorter than this is not worth the extra forward pass.
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass(frozen=True)
@@ -70,20 +73,51 @@ def score_options(
     return [o for o in out if o is not None]
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with (a task's definition and template head), leaving each prompt at least
+    one token of its own, whose logits start the options."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def _prefill(model, prompts, pad, device):
+    """Last-position logits, KV cache and attention mask of a batch of prompts. A prefix shared by the whole
+    batch (SuperNI prompts of one task share the definition) is computed once and broadcast; the rest is
+    left-padded after it, so the mask may have a gap: positions count real tokens only."""
+    shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+    if shared < MIN_SHARED_PREFIX:
+        ids, mask = left_pad(prompts, pad)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                    use_cache=True)  # fmt: skip
+        return out.logits[:, -1], out.past_key_values, mask
+    head = model(input_ids=torch.tensor([list(prompts[0][:shared])], device=device), use_cache=True)
+    cache = head.past_key_values
+    cache.batch_repeat_interleave(len(prompts))
+    ids, tail_mask = left_pad([p[shared:] for p in prompts], pad)
+    mask = torch.cat([torch.ones(len(prompts), shared, dtype=tail_mask.dtype), tail_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1)[:, shared:].clamp(min=0)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                past_key_values=cache, use_cache=True)  # fmt: skip
+    return out.logits[:, -1], out.past_key_values, mask
+
+
 def _score_batch(model, prompts, option_ids, pad, device) -> list[list[float]]:
-    ids, mask = left_pad(prompts, pad)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    first = model(
-        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=True
-    )
-    first_logp = F.log_softmax(first.logits[:, -1].float(), dim=-1)  # predicts each option's first token
+    last_logits, prefix_cache, mask = _prefill(model, prompts, pad, device)
+    first_logp = F.log_softmax(last_logits.float(), dim=-1)  # predicts each option's first token
 
     rows = [(b, t) for b, opts in enumerate(option_ids) for t in opts]
     scores: list[list[float]] = [[] for _ in option_ids]
     for lo in range(0, len(rows), ROWS_PER_PASS):
         chunk = rows[lo : lo + ROWS_PER_PASS]
         # reorder_cache works in place: every chunk but a lone one needs its own copy of the prefix cache
-        cache = first.past_key_values if len(rows) <= ROWS_PER_PASS else copy.deepcopy(first.past_key_values)
+        cache = prefix_cache if len(rows) <= ROWS_PER_PASS else copy.deepcopy(prefix_cache)
         for (b, _), lp in zip(chunk, _score_rows(model, cache, mask, first_logp, chunk, pad, device), strict=True):
             scores[b].append(lp)
     return scores
