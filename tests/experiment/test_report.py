@@ -52,3 +52,30 @@ def test_self_specialization_finding_is_a_paired_difference_per_shot_count(tmp_p
     assert k0["gain"]["mean"] == pytest.approx(expected)
     assert k0["holds"] is better and "k=0 (2 tasks, 120 examples)" in k0["text"]
     assert k5["gain"]["mean"] == 0 and k5["holds"] is False  # identical predictions: no gain
+
+
+@pytest.mark.parametrize(("small", "large", "holds", "verdict"), [
+    (30, 5, True, "helps most when task data is scarce"),
+    (-5, -10, False, "does not help when task data is scarce"),  # less harm is not help
+    (5, 20, False, "helps no more when task data is scarce"),
+])  # fmt: skip
+def test_generalist_finding_needs_a_gain_that_shrinks_with_task_data(tmp_path, small, large, holds, verdict):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    rng = random.Random(1)
+    truth = [float(rng.random() < 0.5) * 100 for _ in range(100)]
+
+    def shifted(points: int) -> list[float]:  # flip |points| percent of the examples toward (or away from) right
+        flips = [i for i, v in enumerate(truth) if (v == 0) == (points > 0)][: abs(points)]
+        return [(100.0 - v) if i in flips else v for i, v in enumerate(truth)]
+
+    runs = {}
+    for n, gain in ((8, small), (16, large)):
+        for g, values in (("none", truth), ("gen", shifted(gain))):
+            runs[f"{g}-n{n}"] = {"generalist": g, "amount": n, "seed": 0, "weights": str(adapter),
+                                 "eval_dir": _eval_dir(tmp_path / f"{g}{n}", "run", {("t", 0): values})}  # fmt: skip
+    scores = [{"run_id": r, "task": "t", "k": 0, "variant": "original", "metric": "accuracy"} for r in runs]
+    (found,) = findings({"runs": runs, "scores": scores, "meta": {}})
+    assert found["gain_small"]["mean"] == pytest.approx(small) and found["gain_large"]["mean"] == pytest.approx(large)
+    assert found["holds"] is holds and verdict in found["text"]

@@ -165,12 +165,18 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
             gains[n] = paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference
         if len(gains) == 2:
             lo, hi = gains[amounts[0]], gains[amounts[-1]]
-            holds = lo.mean > hi.mean
+            # the paper's finding: generalist data helps when task data is scarce, and helps less as it grows
+            holds = lo.mean > 0 and lo.mean > hi.mean
+            verdict = (
+                "it helps most when task data is scarce, as the paper finds"
+                if holds
+                else "it does not help when task data is scarce; the paper's finding does not hold at this scale"
+                if lo.mean <= 0
+                else "it helps no more when task data is scarce; the paper's finding does not hold at this scale"
+            )
             text = (f"Generalist data ({g}) adds {lo.mean:+.1f} [{lo.low:+.1f}, {lo.high:+.1f}] points with "
                     f"{amounts[0]} task examples and {hi.mean:+.1f} [{hi.low:+.1f}, {hi.high:+.1f}] "
-                    f"with {amounts[-1]}: "
-                    + ("larger when task data is scarce, as the paper finds" if holds else
-                       "not larger when task data is scarce; the paper's finding does not hold at this scale")
+                    f"with {amounts[-1]}: {verdict}"
                     + ("" if lo.low > 0 or lo.high < 0 else " (the small-data gain's CI includes 0)"))  # fmt: skip
             out.append({"finding": "generalist-gain", "generalist": g, "holds": holds, "text": text,
                         "gain_small": vars(lo), "gain_large": vars(hi)})  # fmt: skip
