@@ -121,6 +121,16 @@ def test_experiments_sharing_a_cache_reuse_each_others_stages(tiny_model_dir, tm
         run_experiment(second)  # one runner per cache: a second one is refused, naming the holder
 
 
+def test_report_of_a_relative_output_dir_renders_from_anywhere(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = experiment(tiny_model_dir, Path("rel/out"), cache_dir="rel/cache", amounts=[0, 8])
+    run_experiment(load_experiment(write(cfg, tmp_path / "exp.yaml")))
+    monkeypatch.chdir(tmp_path / "rel")
+    render(tmp_path / "rel/out")  # reads every run's predictions for the findings
+    report = json.loads((tmp_path / "rel/out/report.json").read_text())
+    assert report["findings"] and report["findings"][0]["finding"] == "generalist-gain"
+
+
 def test_specialist_mix_never_trains_on_evaluation_instances(tiny_model_dir, tmp_path):
     # the hotel task is both the specialist data (192 examples) and the test set (12 instances)
     cfg = load_experiment(write(experiment(tiny_model_dir, tmp_path / "out", generalists=[None], amounts=[180],

@@ -135,6 +135,9 @@ def _evaluate_into(store: Store, run_id: str, ec, eval_dir: Path, info: dict[str
     """Evaluate (or read the cached evaluation) and record the run's scores, unless the store has them."""
     from specialize.eval.harness import evaluate
 
+    # absolute paths: `specialize report` may run from another directory than the experiment did
+    eval_dir = eval_dir.resolve()
+    info = {**info, "weights": str(Path(info["weights"]).resolve()) if info["weights"] else None}
     if store.done(run_id, str(eval_dir)):
         return
     eval_s = 0.0
