@@ -79,3 +79,37 @@ def test_generalist_finding_needs_a_gain_that_shrinks_with_task_data(tmp_path, s
     (found,) = findings({"runs": runs, "scores": scores, "meta": {}})
     assert found["gain_small"]["mean"] == pytest.approx(small) and found["gain_large"]["mean"] == pytest.approx(large)
     assert found["holds"] is holds and verdict in found["text"]
+
+
+def test_many_tasks_are_summarized_by_a_pooled_row_and_one_curve(tmp_path):
+    from specialize.experiment.report import curves, table
+
+    rng = random.Random(2)
+    tasks = [f"task{i}" for i in range(6)]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    runs, scores, pooled = {}, [], {}
+    for run_id, amount, weights in (
+        ("base", 0, None),
+        ("none-n8-s0", 8, str(adapter)),
+        ("none-n16-s0", 16, str(adapter)),
+    ):
+        values = {(t, 0): [float(rng.random() < 0.3 + 0.02 * amount) * 100 for _ in range(20)] for t in tasks}
+        model = "base" if weights is None else "run"
+        runs[run_id] = {"generalist": "none", "amount": amount, "seed": 0, "weights": weights,
+                        "eval_dir": _eval_dir(tmp_path / run_id, model, values)}  # fmt: skip
+        scores += [{"run_id": run_id, "task": t, "k": 0, "variant": "original", "metric": "accuracy",
+                    "mean": sum(values[(t, 0)]) / 20, "ci_low": 0.0, "ci_high": 100.0} for t in tasks]  # fmt: skip
+        pooled[run_id] = sum(sum(v) for v in values.values()) / 120
+    data = {"runs": runs, "scores": scores, "meta": {}}
+    tab = table(data)
+    last = tab["rows"][-1]
+    assert len(tab["rows"]) == 7 and last["task"] == "all 6 tasks"
+    assert [c["mean"] for c in last["cells"]] == pytest.approx([pooled["base"], pooled["none-n16-s0"]])
+    assert all(c["low"] <= c["mean"] <= c["high"] for c in last["cells"])
+    cv = curves(data)
+    assert list(cv) == ["all 6 tasks"]  # not six side-by-side panels
+    points = cv["all 6 tasks"]["none"]
+    assert [p[0] for p in points] == [8, 16]
+    assert [p[1] for p in points] == pytest.approx([pooled["none-n8-s0"], pooled["none-n16-s0"]])

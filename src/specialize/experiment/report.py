@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from specialize.eval.stats import paired_bootstrap
+from specialize.eval.stats import bootstrap_ci, paired_bootstrap
 from specialize.experiment.runner import SELF_SPEC
 from specialize.io import atomic_path, atomic_write_text
 
@@ -65,6 +65,25 @@ def _columns(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
     return [(name, ids) for name, ids in cols if ids]
 
 
+# More tasks than this are summarized by one pooled "all tasks" row and curve (a category such as SuperNI
+# Sentiment expands into ~40 tasks; the paper reports their average).
+MAX_TASK_CURVES = 4
+ALL_TASKS = "all {n} tasks"
+
+
+def _pooled(data: dict[str, Any], k: int) -> dict[str, dict[str, float]]:
+    """run_id -> mean and 95% bootstrap CI of the primary metric over every example of every task at k shots
+    (with equal examples per task, the macro average)."""
+    primary = primary_metrics(data["scores"])
+    out = {}
+    for run_id, r in data["runs"].items():
+        per_example = _example_scores(r["eval_dir"], _evaluated(r), primary, k)
+        if per_example:
+            est = bootstrap_ci(list(per_example.values()), resamples=1000)
+            out[run_id] = {"mean": est.mean, "low": est.low, "high": est.high}
+    return out
+
+
 def table(data: dict[str, Any]) -> dict[str, Any]:
     """Rows: task (x k when several shot counts were evaluated); columns: see `_columns`."""
     ks = sorted({s["k"] for s in data["scores"]})
@@ -72,20 +91,30 @@ def table(data: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for k in ks:
         head = headline(data, k)
-        for t in sorted({t for _, t in head}):
+        tasks = sorted({t for _, t in head})
+        if len(tasks) > 1:
+            pooled = _pooled(data, k)
+            head |= {(i, ALL_TASKS.format(n=len(tasks))): v for i, v in pooled.items()}
+            tasks.append(ALL_TASKS.format(n=len(tasks)))
+        for t in tasks:
             cells = []
             for _, ids in cols:
                 vals = [head[(i, t)] for i in ids if (i, t) in head]
                 cells.append({"mean": statistics.mean(v["mean"] for v in vals), "low": min(v["low"] for v in vals),
                               "high": max(v["high"] for v in vals)} if vals else None)  # fmt: skip
             label = t if len(ks) == 1 else f"{t} (k={k})"
-            rows.append({"task": label, "metric": primary_metrics(data["scores"])[t], "cells": cells})
+            metrics = primary_metrics(data["scores"])
+            rows.append({"task": label, "metric": metrics.get(t, "primary metric, pooled"), "cells": cells})
     return {"columns": [c for c, _ in cols], "rows": rows}
 
 
 def curves(data: dict[str, Any]) -> dict[str, dict[str, list[tuple[int, float, float, float]]]]:
     """task (and 'mean') -> generalist -> [(amount, mean, low, high)] over seeds."""
     head = headline(data)
+    tasks = {t for _, t in head}
+    if len(tasks) > MAX_TASK_CURVES:
+        k0 = min(s["k"] for s in data["scores"])
+        head = {(i, ALL_TASKS.format(n=len(tasks))): v for i, v in _pooled(data, k0).items()}
     acc: dict[str, dict[str, dict[int, list[dict]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for (run_id, task), v in head.items():
         r = data["runs"][run_id]
