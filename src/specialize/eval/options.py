@@ -91,15 +91,13 @@ def _prefill(model, prompts, pad, device):
     batch (SuperNI prompts of one task share the definition) is computed once and broadcast; the rest is
     left-padded after it, so the mask may have a gap: positions count real tokens only."""
     shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
-    if shared < MIN_SHARED_PREFIX:
-        ids, mask = left_pad(prompts, pad)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    use_cache=True)  # fmt: skip
-        return out.logits[:, -1], out.past_key_values, mask
-    head = model(input_ids=torch.tensor([list(prompts[0][:shared])], device=device), use_cache=True)
-    cache = head.past_key_values
-    cache.batch_repeat_interleave(len(prompts))
+    cache = None
+    if shared >= MIN_SHARED_PREFIX:
+        head = torch.tensor([list(prompts[0][:shared])], device=device)
+        cache = model(input_ids=head, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(prompts))
+    else:
+        shared = 0
     ids, tail_mask = left_pad([p[shared:] for p in prompts], pad)
     mask = torch.cat([torch.ones(len(prompts), shared, dtype=tail_mask.dtype), tail_mask], dim=1)
     positions = (mask.cumsum(-1) - 1)[:, shared:].clamp(min=0)
