@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from specialize.eval.stats import bootstrap_ci, paired_bootstrap
-from specialize.experiment.runner import SELF_SPEC
+from specialize.experiment.runner import SELF_SPEC, is_adapter
 from specialize.io import atomic_path, atomic_write_text
 
 METRIC_ORDER = ("accuracy", "rouge_l", "exact_match", "token_f1", "entity_f1", "accuracy_norm")
@@ -88,14 +88,15 @@ def table(data: dict[str, Any]) -> dict[str, Any]:
     """Rows: task (x k when several shot counts were evaluated); columns: see `_columns`."""
     ks = sorted({s["k"] for s in data["scores"]})
     cols = _columns(data["runs"])
+    metrics = primary_metrics(data["scores"])
     rows = []
     for k in ks:
         head = headline(data, k)
         tasks = sorted({t for _, t in head})
         if len(tasks) > 1:
-            pooled = _pooled(data, k)
-            head |= {(i, ALL_TASKS.format(n=len(tasks))): v for i, v in pooled.items()}
-            tasks.append(ALL_TASKS.format(n=len(tasks)))
+            everything = ALL_TASKS.format(n=len(tasks))
+            head |= {(i, everything): v for i, v in _pooled(data, k).items()}
+            tasks.append(everything)
         for t in tasks:
             cells = []
             for _, ids in cols:
@@ -103,7 +104,6 @@ def table(data: dict[str, Any]) -> dict[str, Any]:
                 cells.append({"mean": statistics.mean(v["mean"] for v in vals), "low": min(v["low"] for v in vals),
                               "high": max(v["high"] for v in vals)} if vals else None)  # fmt: skip
             label = t if len(ks) == 1 else f"{t} (k={k})"
-            metrics = primary_metrics(data["scores"])
             rows.append({"task": label, "metric": metrics.get(t, "primary metric, pooled"), "cells": cells})
     return {"columns": [c for c, _ in cols], "rows": rows}
 
@@ -141,8 +141,7 @@ def _example_scores(eval_dir: str, model: str, primary: dict[str, str], k0: int)
 
 def _evaluated(run: dict[str, Any]) -> str:
     """The model name a run's predictions carry: its adapter ("run"), or the weights themselves ("base")."""
-    adapter = run["weights"] is not None and (Path(run["weights"]) / "adapter_config.json").is_file()
-    return "run" if adapter else "base"
+    return "run" if is_adapter(run["weights"]) else "base"
 
 
 def self_spec_findings(data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -102,6 +102,11 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
 
+def is_adapter(weights: str | Path | None) -> bool:
+    """Whether a run's weights are a PEFT adapter (evaluated as "run" on the base) rather than a full model."""
+    return weights is not None and (Path(weights) / "adapter_config.json").is_file()
+
+
 def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None):
     """The evaluation of one set of weights (None = the base model), and its cache directory."""
     from specialize.eval.harness import EvalConfig
@@ -112,7 +117,7 @@ def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None):
            "model": {k: v for k, v in models.describe(model.spec).items() if k != "location"},
            "weights": _weights_hash(weights) if weights else None}  # fmt: skip
     eval_dir = cfg.cache / "eval" / fingerprint(key)
-    adapter = weights is not None and (weights / "adapter_config.json").is_file()
+    adapter = is_adapter(weights)
     if weights is not None and not adapter:  # full fine-tuning: the stage's weights are the model
         model = model.model_copy(update={"spec": str(weights)})
     ec = EvalConfig(model=model, adapters={"run": str(weights)} if adapter else {}, include_base=not adapter,
