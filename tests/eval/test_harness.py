@@ -44,7 +44,27 @@ def tiny_adapter(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return tmp_path / "adapter"
 
 
-def test_counts_scores_aggregates_and_manifest(tmp_path, tiny_model_dir, tiny_tasks, tiny_adapter):
+def _scripted_paraphrases(monkeypatch, texts: list[tuple[str, str]]) -> None:
+    """The model's rewrites of an instruction come from `texts` (text, finish_reason); answers stay real."""
+    import specialize.generation
+    from specialize.generation import Completion
+
+    real, script = specialize.generation.generate, iter(texts)
+
+    def generate(model, tokenizer, prompts, template, params, **kw):
+        if "Rewrite the following task instruction" in prompts[0]:
+            text, finish = next(script)
+            return [Completion(text, (), finish)]
+        return real(model, tokenizer, prompts, template, params, **kw)
+
+    monkeypatch.setattr(specialize.generation, "generate", generate)
+
+
+def test_counts_scores_aggregates_and_manifest(tmp_path, tiny_model_dir, tiny_tasks, tiny_adapter, monkeypatch):
+    # a random-init model cannot paraphrase: script what a small real model writes, usable or not
+    _scripted_paraphrases(monkeypatch, [("### Instructions:", "stop"), ("Answer yes or no.", "stop"),
+                                        ("Say whether the answer is yes or", "length"), ("No", "stop"),
+                                        ("Reply with either yes or no.", "stop")])  # fmt: skip
     split = tmp_path / "split.yaml"
     split.write_text("train: [yn_options]\nheldout: [yn_generate]\n")
     cfg = EvalConfig(
@@ -55,8 +75,8 @@ def test_counts_scores_aggregates_and_manifest(tmp_path, tiny_model_dir, tiny_ta
     rows = [json.loads(x) for x in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
     # 2 models x (options: 6 examples x 2 k x 3 instructions + generation: 4 examples x 2 instructions)
     assert len(rows) == 2 * (6 * 2 * 3 + 4 * 2)
-    [written] = summary["generated_paraphrases"]["yn_generate"]
-    assert written and written != "Answer yes or no."
+    assert summary["generated_paraphrases"]["yn_generate"] == ["Reply with either yes or no."]
+    assert summary["paraphrases_rejected"]["yn_generate"] == {"header": 1, "duplicate": 1, "cut off": 1, "length": 1}
     assert {r["model"] for r in rows} == {"base", "tuned"}
     for r in rows:
         assert all(0.0 <= v <= 100.0 for v in r["scores"].values())
@@ -83,6 +103,18 @@ def test_counts_scores_aggregates_and_manifest(tmp_path, tiny_model_dir, tiny_ta
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert manifest["adapters"]["tuned"]["sha256"] and manifest["versions"]["torch"] == torch.__version__
     assert manifest["data"]["yn_options"]["n"] == 6
+
+
+def test_unusable_paraphrases_are_rejected_and_bounded(tmp_path, tiny_model_dir, monkeypatch):
+    _scripted_paraphrases(monkeypatch, [("### Instructions:", "stop")] * 5)
+    task = {"name": "yn", "data": {"path": str(tmp_path / "yn.jsonl")}, "protocol": "options",
+            "generate_paraphrases": 1}  # fmt: skip
+    (tmp_path / "yn.jsonl").write_text(json.dumps({"instruction": "Answer yes or no.", "input": "Is fire hot?",
+                                                   "output": "yes", "options": ["yes", "no"]}) + "\n")  # fmt: skip
+    cfg = EvalConfig(model={"spec": str(tiny_model_dir), "dtype": "float32"}, tasks=[task],
+                     output_dir=str(tmp_path / "out"))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"only 0 usable paraphrases in 5 samples \(rejected: \{'header': 5\}"):
+        evaluate(cfg, progress=False)
 
 
 def test_bad_config_fails_before_loading_a_model(tmp_path, tiny_tasks, monkeypatch):

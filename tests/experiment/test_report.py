@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from specialize.experiment.report import findings
+from specialize.experiment.report import findings, read_examples, robustness
 from specialize.experiment.runner import BASE_RUN, SELF_SPEC
 
 
-def _eval_dir(path: Path, model: str, scores: dict[tuple[str, int], list[float]]) -> str:
+def _eval_dir(path: Path, model: str, scores: dict[tuple, list[float]]) -> str:
+    """predictions.jsonl from {(task, k[, variant]): per-example accuracies}; the variant defaults to original."""
     path.mkdir()
-    lines = [json.dumps({"model": model, "task": task, "k": k, "variant": "original", "id": f"{task}-{i}",
-                         "scores": {"accuracy": v}})
-             for (task, k), values in scores.items() for i, v in enumerate(values)]  # fmt: skip
+    lines = [json.dumps({"model": model, "task": key[0], "k": key[1], "variant": (*key, "original")[2],
+                         "id": f"{key[0]}-{i}", "scores": {"accuracy": v}})
+             for key, values in scores.items() for i, v in enumerate(values)]  # fmt: skip
     (path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     return str(path)
 
@@ -34,7 +35,7 @@ def _data(tmp_path: Path, base: dict, tuned: dict) -> dict:
     }  # fmt: skip
     scores = [{"run_id": r, "task": t, "k": k, "variant": "original", "metric": "accuracy", "mean": 0.0}
               for r in runs for t, k in base]  # fmt: skip
-    return {"runs": runs, "scores": scores, "meta": {}}
+    return {"runs": runs, "scores": scores, "meta": {}, "examples": read_examples(runs)}
 
 
 @pytest.mark.parametrize("better", [True, False])
@@ -76,7 +77,7 @@ def test_generalist_finding_needs_a_gain_that_shrinks_with_task_data(tmp_path, s
             runs[f"{g}-n{n}"] = {"generalist": g, "amount": n, "seed": 0, "weights": str(adapter),
                                  "eval_dir": _eval_dir(tmp_path / f"{g}{n}", "run", {("t", 0): values})}  # fmt: skip
     scores = [{"run_id": r, "task": "t", "k": 0, "variant": "original", "metric": "accuracy"} for r in runs]
-    (found,) = findings({"runs": runs, "scores": scores, "meta": {}})
+    (found,) = findings({"runs": runs, "scores": scores, "meta": {}, "examples": read_examples(runs)})
     assert found["gain_small"]["mean"] == pytest.approx(small) and found["gain_large"]["mean"] == pytest.approx(large)
     assert found["holds"] is holds and verdict in found["text"]
 
@@ -102,7 +103,7 @@ def test_many_tasks_are_summarized_by_a_pooled_row_and_one_curve(tmp_path):
         scores += [{"run_id": run_id, "task": t, "k": 0, "variant": "original", "metric": "accuracy",
                     "mean": sum(values[(t, 0)]) / 20, "ci_low": 0.0, "ci_high": 100.0} for t in tasks]  # fmt: skip
         pooled[run_id] = sum(sum(v) for v in values.values()) / 120
-    data = {"runs": runs, "scores": scores, "meta": {}}
+    data = {"runs": runs, "scores": scores, "meta": {}, "examples": read_examples(runs)}
     tab = table(data)
     last = tab["rows"][-1]
     assert len(tab["rows"]) == 7 and last["task"] == "all 6 tasks"
@@ -113,3 +114,35 @@ def test_many_tasks_are_summarized_by_a_pooled_row_and_one_curve(tmp_path):
     points = cv["all 6 tasks"]["none"]
     assert [p[0] for p in points] == [8, 16]
     assert [p[1] for p in points] == pytest.approx([pooled["none-n8-s0"], pooled["none-n16-s0"]])
+
+
+@pytest.mark.parametrize("robust", [True, False])
+def test_paraphrase_robustness_table_and_finding(tmp_path: Path, robust: bool):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    truth = [100.0] * 60 + [0.0] * 40
+
+    def reworded(drops: tuple[int, int]) -> dict[tuple, list[float]]:  # the first d right answers turn wrong
+        out = {("t", 0): truth}
+        for j, d in enumerate(drops):
+            out[("t", 0, f"paraphrase-{j + 1}")] = [0.0] * d + truth[d:]
+        return out
+
+    fragile, sturdy = reworded((20, 10)), reworded((2, 0))
+    runs = {
+        "none-n16-s0": {"generalist": "none", "amount": 16, "seed": 0, "weights": str(adapter),
+                        "eval_dir": _eval_dir(tmp_path / "none", "run", fragile)},
+        "gen-n16-s0": {"generalist": "gen", "amount": 16, "seed": 0, "weights": str(adapter),
+                       "eval_dir": _eval_dir(tmp_path / "gen", "run", sturdy if robust else fragile)},
+    }  # fmt: skip
+    scores = [{"run_id": r, "task": "t", "k": 0, "variant": "original", "metric": "accuracy"} for r in runs]
+    data = {"runs": runs, "scores": scores, "meta": {}, "examples": read_examples(runs)}
+    rows = {r["run"]: r for r in robustness(data)}
+    none = rows["none-n16-s0"]
+    assert (none["original"], none["paraphrased"], none["worst"], none["best"]) == pytest.approx((60, 45, 40, 50))
+    assert none["change"]["mean"] == pytest.approx(-15) and none["change"]["high"] < 0
+    assert none["paraphrases"] == 2 and none["examples"] == 100
+    [found] = [f for f in findings(data) if f["finding"] == "paraphrase-robustness"]
+    assert found["gain"]["mean"] == pytest.approx(14 if robust else 0)
+    assert found["holds"] is robust

@@ -117,6 +117,12 @@ def test_experiments_sharing_a_cache_reuse_each_others_stages(tiny_model_dir, tm
     # the second experiment's own store holds the shared runs' scores
     shared = {"base", "gen-n8-s0"}
     assert scores(tmp_path / "b") == [r for r in scores(tmp_path / "a") if r[0] in shared]
+    # and their cost as first measured (training steps of every stage, evaluation), not the 0 s spent now
+    timings = {out: dict((r, (t, e)) for r, t, e in sqlite3.connect(tmp_path / out / "results.sqlite").execute(
+        "SELECT run_id, train_s, eval_s FROM runs")) for out in "ab"}  # fmt: skip
+    assert timings["b"] == {r: timings["a"][r] for r in shared}
+    train_gen, eval_gen = timings["b"]["gen-n8-s0"]
+    assert train_gen > timings["a"]["gen-n0-s0"][0] > 0 and eval_gen > 0
     with cache_lock(first.cache), pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
         run_experiment(second)  # one runner per cache: a second one is refused, naming the holder
 

@@ -82,6 +82,16 @@ def test_two_stages_chain_and_stage_one_is_reused(tmp_path, tiny_model_dir, shar
     summary = json.loads((tmp_path / "result.json").read_text())
     assert summary["final"] == q2.output
 
+    expected = adapter(q2)
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"  # a cache copied to another machine or path
+    tmp_path.rename(moved)
+    try:
+        m1, m2 = run_training(cfg.model_copy(update={"output_dir": str(moved)}))
+        assert m1.reused and m2.reused and Path(m2.output).is_relative_to(moved)
+        assert_close(adapter(m2), expected, atol=0)
+    finally:
+        moved.rename(tmp_path)
+
 
 def test_adapter_loads_with_plain_peft_and_merges(tmp_path, tiny_model_dir, shared_data):
     from peft import PeftModel

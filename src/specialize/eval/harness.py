@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -128,8 +129,27 @@ PARAPHRASE_PROMPT = (
 )
 
 
-def generate_paraphrases(model: Any, tokenizer: Any, template: Any, task: LoadedTask, seed: int) -> list[str]:
-    """N paraphrases of a task's (single) instruction, sampled from the model with the generation backend."""
+def paraphrase_problem(text: str, instruction: str, accepted: list[str]) -> str | None:
+    """Why a sampled rewrite is not a usable paraphrase of `instruction` (None: it is one). Small models often
+    echo a template header ("### Instructions:") or a fragment; scoring those would measure noise, not
+    robustness to rewording."""
+    words, original = len(text.split()), len(instruction.split())
+    if not text:
+        return "empty"
+    if text == instruction or text in accepted:
+        return "duplicate"
+    if text.startswith("#") or text.rstrip().endswith(":"):
+        return "header"
+    if words < max(3, original // 3) or words > 3 * original + 10:
+        return "length"
+    return None
+
+
+def generate_paraphrases(
+    model: Any, tokenizer: Any, template: Any, task: LoadedTask, seed: int
+) -> tuple[list[str], dict[str, int]]:
+    """N paraphrases of a task's (single) instruction, sampled from the model with the generation backend, and
+    the count of rejected samples by reason."""
     from specialize.generation import SamplingParams, generate
 
     instructions = {e.instruction for e in task.examples}
@@ -140,15 +160,22 @@ def generate_paraphrases(model: Any, tokenizer: Any, template: Any, task: Loaded
     [instruction] = instructions
     prompt = template.render(PARAPHRASE_PROMPT.format(instruction=instruction))
     out: list[str] = []
-    for i in range(task.spec.generate_paraphrases * 3):  # resample empty or duplicate rewrites, within a bound
+    rejected: Counter[str] = Counter()
+    for i in range(task.spec.generate_paraphrases * 5):  # resample unusable rewrites, within a bound
         params = SamplingParams(max_new_tokens=128, temperature=0.8, top_p=0.95, seed=seed + i, stop=("\n\n",))
         [c] = generate(model, tokenizer, [prompt], template, params)
         text = c.text.strip()
-        if text and text != instruction and text not in out:
-            out.append(text)
+        problem = paraphrase_problem(text, instruction, out) if c.finish_reason != "length" else "cut off"
+        if problem:
+            rejected[problem] += 1
+            continue
+        out.append(text)
         if len(out) == task.spec.generate_paraphrases:
-            return out
-    raise RuntimeError(f"task {task.name}: the model wrote only {len(out)} usable paraphrases")
+            return out, dict(rejected)
+    raise RuntimeError(
+        f"task {task.name}: the model wrote only {len(out)} usable paraphrases in {i + 1} samples "
+        f"(rejected: {dict(rejected)})"
+    )
 
 
 def _model_variants(cfg: EvalConfig, base: Any) -> Iterator[tuple[str, Any]]:
@@ -168,6 +195,7 @@ def _model_variants(cfg: EvalConfig, base: Any) -> Iterator[tuple[str, Any]]:
 
 
 def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+    start = time.perf_counter()
     tasks, splits = prepare(cfg)
     m = cfg.model
     base, tokenizer = models.load_model(
@@ -180,9 +208,10 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     )
     template = get_template(cfg.template, tokenizer)
     generated: dict[str, list[str]] = {}
+    rejected: dict[str, dict[str, int]] = {}
     for task in tasks:  # written once by the base model, then shared by every evaluated model
         if task.spec.generate_paraphrases:
-            generated[task.name] = generate_paraphrases(base, tokenizer, template, task, cfg.seed)
+            generated[task.name], rejected[task.name] = generate_paraphrases(base, tokenizer, template, task, cfg.seed)
             task.spec = task.spec.model_copy(update={"paraphrases": task.spec.paraphrases + generated[task.name]})
     units = list(_units(tasks, cfg.shots))
     n_models = int(cfg.include_base) + len(cfg.adapters)
@@ -217,6 +246,8 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     summary = summarize(rows, tasks, splits, cfg)
     summary["instructions"] = {t.name: t.spec.paraphrases for t in tasks if t.spec.paraphrases}
     summary["generated_paraphrases"] = generated
+    summary["paraphrases_rejected"] = rejected
+    summary["seconds"] = time.perf_counter() - start  # the cost of this evaluation, kept with its cached results
     out = Path(cfg.output_dir)
     with atomic_path(out / "predictions.jsonl") as tmp, tmp.open("w") as f:
         for r in rows:

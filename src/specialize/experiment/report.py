@@ -27,7 +27,22 @@ def load(db_path: Path) -> dict[str, Any]:
     scores = [dict(zip(("run_id", "task", "k", "variant", "split", "metric", "mean", "ci_low", "ci_high", "n"), r,
                        strict=True)) for r in db.execute("SELECT * FROM scores")]  # fmt: skip
     meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
-    return {"runs": runs, "scores": scores, "meta": meta}
+    return {"runs": runs, "scores": scores, "meta": meta, "examples": read_examples(runs)}
+
+
+Examples = dict[tuple[str, int, str, str], dict[str, float]]  # (task, k, variant, example id) -> metric scores
+
+
+def read_examples(runs: dict[str, dict[str, Any]]) -> dict[str, Examples]:
+    """run_id -> the per-example scores of the model the run evaluated; each predictions file is read once."""
+    out: dict[str, Examples] = {}
+    for run_id, r in runs.items():
+        model, rows = _evaluated(r), out.setdefault(run_id, {})
+        for line in (Path(r["eval_dir"]) / "predictions.jsonl").read_text().splitlines():
+            p = json.loads(line)
+            if p["model"] == model:
+                rows[(p["task"], p["k"], p["variant"], p["id"])] = p["scores"]
+    return out
 
 
 def primary_metrics(scores: list[dict[str, Any]]) -> dict[str, str]:
@@ -76,8 +91,8 @@ def _pooled(data: dict[str, Any], k: int) -> dict[str, dict[str, float]]:
     (with equal examples per task, the macro average)."""
     primary = primary_metrics(data["scores"])
     out = {}
-    for run_id, r in data["runs"].items():
-        per_example = _example_scores(r["eval_dir"], _evaluated(r), primary, k)
+    for run_id in data["runs"]:
+        per_example = _example_scores(data, run_id, primary, k)
         if per_example:
             est = bootstrap_ci(list(per_example.values()), resamples=1000)
             out[run_id] = {"mean": est.mean, "low": est.low, "high": est.high}
@@ -129,14 +144,16 @@ def curves(data: dict[str, Any]) -> dict[str, dict[str, list[tuple[int, float, f
     return out
 
 
-def _example_scores(eval_dir: str, model: str, primary: dict[str, str], k0: int) -> dict[tuple[str, str], float]:
-    path = Path(eval_dir) / "predictions.jsonl"
-    out = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if r["model"] == model and r["k"] == k0 and r["variant"] == "original":
-            out[(r["task"], r["id"])] = r["scores"][primary[r["task"]]]
-    return out
+def _example_scores(
+    data: dict[str, Any], run_id: str, primary: dict[str, str], k: int, variant: str = "original"
+) -> dict[tuple[str, str], float]:
+    """(task, example id) -> the task's primary metric for one run at k shots under one instruction variant."""
+    return {(t, i): v[primary[t]] for (t, kk, var, i), v in data["examples"][run_id].items()
+            if kk == k and var == variant}  # fmt: skip
+
+
+def _paraphrase_variants(data: dict[str, Any], run_id: str) -> list[str]:
+    return sorted({var for (_, _, var, _) in data["examples"][run_id]} - {"original"})
 
 
 def _evaluated(run: dict[str, Any]) -> str:
@@ -147,16 +164,16 @@ def _evaluated(run: dict[str, Any]) -> str:
 def self_spec_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Kang et al.'s Table 1, tested on these numbers: the self-specialized model beats its base model. Per shot
     count: paired bootstrap of (self-specialized - base), pooled over tasks and examples."""
-    runs = data["runs"].values()
-    synth = [r for r in runs if r["generalist"] == SELF_SPEC]
-    base = [r for r in runs if r["weights"] is None]
+    runs = data["runs"].items()
+    synth = [i for i, r in runs if r["generalist"] == SELF_SPEC]
+    base = [i for i, r in runs if r["weights"] is None]
     if not synth or not base:
         return []
     primary = primary_metrics(data["scores"])
     out = []
     for k in sorted({s["k"] for s in data["scores"]}):
-        a = _example_scores(synth[0]["eval_dir"], _evaluated(synth[0]), primary, k)
-        b = _example_scores(base[0]["eval_dir"], "base", primary, k)
+        a = _example_scores(data, synth[0], primary, k)
+        b = _example_scores(data, base[0], primary, k)
         keys = sorted(a.keys() & b.keys())
         if not keys:
             continue
@@ -167,6 +184,71 @@ def self_spec_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
                 + ("better than the base model, as Kang et al. find" if holds else
                    "no significant gain over the base model; the finding does not hold at this scale"))  # fmt: skip
         out.append({"finding": "self-specialization", "k": k, "holds": holds, "text": text, "gain": vars(d)})
+    return out
+
+
+def _seed0(runs: dict[str, dict[str, Any]], generalist: str, amount: int) -> str | None:
+    return next((i for i, r in runs.items()
+                 if r["generalist"] == generalist and r["amount"] == amount and r["seed"] == 0), None)  # fmt: skip
+
+
+def _paraphrased(data: dict[str, Any], run_id: str, primary: dict[str, str], k: int) -> dict[tuple[str, str], float]:
+    """(task, example id) -> the primary metric averaged over the example's paraphrased instructions."""
+    per_variant = [_example_scores(data, run_id, primary, k, v) for v in _paraphrase_variants(data, run_id)]
+    keys = set.intersection(*(set(v) for v in per_variant)) if per_variant else set()
+    return {x: statistics.mean(v[x] for v in per_variant) for x in keys}
+
+
+def robustness(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Shi et al. Figure 4, per run: the primary metric under the original instruction and under paraphrases of
+    it (mean, worst and best paraphrase), pooled over the tasks that have paraphrases, at the fewest shots."""
+    primary = primary_metrics(data["scores"])
+    k0 = min((s["k"] for s in data["scores"]), default=0)
+    out = []
+    for run_id in sorted(data["runs"]):
+        para = _paraphrased(data, run_id, primary, k0)
+        if not para:
+            continue
+        orig = _example_scores(data, run_id, primary, k0)
+        keys = sorted(para.keys() & orig.keys())
+        per_variant = [[_example_scores(data, run_id, primary, k0, v)[x] for x in keys]
+                       for v in _paraphrase_variants(data, run_id)]  # fmt: skip
+        change = paired_bootstrap([para[x] for x in keys], [orig[x] for x in keys]).difference
+        out.append({"run": run_id, "examples": len(keys), "paraphrases": len(per_variant),
+                    "original": statistics.mean(orig[x] for x in keys),
+                    "paraphrased": statistics.mean(para[x] for x in keys),
+                    "worst": min(map(statistics.mean, per_variant)), "best": max(map(statistics.mean, per_variant)),
+                    "change": vars(change)})  # fmt: skip
+    return out
+
+
+def robustness_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Shi et al.'s Figure 4 finding, tested on these numbers: with generalist data the specialist scores better
+    under paraphrased instructions. Paired bootstrap of (with - without) on the paraphrase-averaged score per
+    example, at the largest specialist amount."""
+    runs = data["runs"]
+    primary = primary_metrics(data["scores"])
+    k0 = min((s["k"] for s in data["scores"]), default=0)
+    top = max((r["amount"] for r in runs.values() if r["generalist"] != SELF_SPEC), default=0)
+    without = _seed0(runs, "none", top)
+    out = []
+    for g in sorted({r["generalist"] for r in runs.values()} - {"none", SELF_SPEC}):
+        with_g = _seed0(runs, g, top)
+        if not top or with_g is None or without is None:
+            continue
+        a, b = _paraphrased(data, with_g, primary, k0), _paraphrased(data, without, primary, k0)
+        keys = sorted(a.keys() & b.keys())
+        if not keys:
+            continue
+        d = paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference
+        holds = d.mean > 0
+        text = (f"Under paraphrased instructions, generalist data ({g}) changes the specialist's score (n={top}) by "
+                f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}] points ({len(keys)} examples): "
+                + ("more robust with generalist data, as the paper finds" if holds else
+                   "no more robust with generalist data; the paper's finding does not hold at this scale")
+                + ("" if d.low > 0 or d.high < 0 else " (the CI includes 0)"))  # fmt: skip
+        out.append({"finding": "paraphrase-robustness", "generalist": g, "holds": holds, "text": text,
+                    "gain": vars(d)})  # fmt: skip
     return out
 
 
@@ -183,12 +265,11 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     for g in gens:
         gains = {}
         for n in {amounts[0], amounts[-1]} if amounts else set():
-            with_g = [r for r in runs.values() if r["generalist"] == g and r["amount"] == n and r["seed"] == 0]
-            without = [r for r in runs.values() if r["generalist"] == "none" and r["amount"] == n and r["seed"] == 0]
-            if not with_g or not without:
+            with_g, without = _seed0(runs, g, n), _seed0(runs, "none", n)
+            if with_g is None or without is None:
                 continue
-            a = _example_scores(with_g[0]["eval_dir"], _evaluated(with_g[0]), primary, k0)
-            b = _example_scores(without[0]["eval_dir"], _evaluated(without[0]), primary, k0)
+            a = _example_scores(data, with_g, primary, k0)
+            b = _example_scores(data, without, primary, k0)
             keys = sorted(a.keys() & b.keys())
             gains[n] = paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference
         if len(gains) == 2:
@@ -213,7 +294,7 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
             text = (f"Generalist data ({g}) adds {d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}] points at n={n} "
                     "(one amount: no trend to test).")  # fmt: skip
             out.append({"finding": "generalist-gain", "generalist": g, "holds": None, "text": text, "gain": vars(d)})
-    return out + self_spec_findings(data)
+    return out + robustness_findings(data) + self_spec_findings(data)
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -260,6 +341,27 @@ def _cell(c: dict[str, float] | None) -> str:
     return f'<td>{c["mean"]:.1f}<span class="ci"> [{c["low"]:.1f}, {c["high"]:.1f}]</span></td>'
 
 
+def _seconds(s: float | None) -> str:
+    return "–" if s is None else f"{s:.0f}"
+
+
+def _robustness_section(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    body = "".join(
+        f"<tr><td>{html.escape(r['run'])}</td><td>{r['original']:.1f}</td><td>{r['paraphrased']:.1f}</td>"
+        f"<td>{r['worst']:.1f}</td><td>{r['best']:.1f}</td><td>{r['change']['mean']:+.1f} "
+        f"<span class='ci'>[{r['change']['low']:+.1f}, {r['change']['high']:+.1f}]</span></td></tr>"
+        for r in rows
+    )
+    n = rows[0]["paraphrases"]
+    return (f"<h2>Robustness to paraphrased instructions</h2><p>Primary metric pooled over the tasks with "
+            f"paraphrases ({rows[0]['examples']} examples); {n} paraphrases; change = paraphrased - original, "
+            "paired bootstrap 95% CI.</p><table id='robustness'><tr><th>run</th><th>original</th>"
+            "<th>paraphrased (mean)</th><th>worst</th><th>best</th><th>change</th></tr>"
+            f"{body}</table>")  # fmt: skip
+
+
 def _synth_section(meta: dict[str, Any]) -> str:
     if "synth" not in meta:
         return ""
@@ -294,10 +396,11 @@ def render(run_dir: str | Path) -> Path:
     if not db.is_file():
         raise FileNotFoundError(f"{db}: no results store; run `specialize run` first")
     data = load(db)
-    tab, cv, found = table(data), curves(data), findings(data)
+    tab, cv, found, robust = table(data), curves(data), findings(data), robustness(data)
     png = plot_curves(cv, run_dir / "curves.png")
     cfg = data["meta"].get("config", {})
-    atomic_write_text(run_dir / "report.json", json.dumps({"table": tab, "curves": cv, "findings": found}, indent=1))
+    atomic_write_text(run_dir / "report.json", json.dumps({"table": tab, "curves": cv, "findings": found,
+                                                           "robustness": robust}, indent=1))  # fmt: skip
     head = "".join(f"<th>{html.escape(c)}</th>" for c in tab["columns"])
     body = "".join(f"<tr><td>{html.escape(r['task'])} <span class='ci'>{r['metric']}</span></td>"
                    + "".join(_cell(c) for c in r["cells"]) + "</tr>" for r in tab["rows"])  # fmt: skip
@@ -305,8 +408,8 @@ def render(run_dir: str | Path) -> Path:
         f"<li class='{'holds' if f['holds'] else 'fails' if f['holds'] is False else ''}'>{html.escape(f['text'])}</li>"
         for f in found
     )
-    timings = "".join(f"<tr><td>{html.escape(k)}</td><td>{r['train_s']:.0f}</td><td>{r['eval_s']:.0f}</td></tr>"
-                      for k, r in sorted(data["runs"].items()))  # fmt: skip
+    timings = "".join(f"<tr><td>{html.escape(k)}</td><td>{_seconds(r['train_s'])}</td><td>{_seconds(r['eval_s'])}</td>"
+                      "</tr>" for k, r in sorted(data["runs"].items()))  # fmt: skip
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>specialize report: {html.escape(cfg.get("name", ""))}</title>
 <style>{CSS}</style></head><body>
 <h1>Experiment {html.escape(cfg.get("name", run_dir.name))}</h1>
@@ -315,8 +418,11 @@ def render(run_dir: str | Path) -> Path:
 <table id="results"><tr><th>task</th>{head}</tr>{body}</table>
 <h2>Findings at this scale</h2><ul id="findings">{finding_items or "<li>no comparison to test in this grid</li>"}</ul>
 <h2>Score vs specialist data</h2>{_img(png, "score vs specialist amount")}
+{_robustness_section(robust)}
 {_synth_section(data["meta"])}
-<h2>Runs</h2><table><tr><th>run</th><th>train s</th><th>eval s</th></tr>{timings}</table>
+<h2>Runs</h2><p class="ci">Seconds of compute behind each run, as first measured (a cached stage or evaluation
+keeps its cost): training counts every stage of the run, so a shared stage appears in each run built on it.</p>
+<table><tr><th>run</th><th>train s</th><th>eval s</th></tr>{timings}</table>
 </body></html>"""  # noqa: E501
     out = run_dir / "report.html"
     atomic_write_text(out, page)

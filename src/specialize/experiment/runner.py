@@ -128,12 +128,14 @@ def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None):
 
 
 def _train(tc: TrainConfig) -> tuple[Path, float]:
-    """The run's final weights and the training seconds spent now (0 when every stage came from the cache)."""
+    """The run's final weights and the training seconds behind them: the steps of all its stages, as each
+    stage's metrics.jsonl recorded them, so a run resumed or read from the cache reports the same cost."""
     from specialize.train import run_training
 
-    start = time.perf_counter()
     results = run_training(tc)
-    return Path(results[-1].output), 0.0 if all(r.reused for r in results) else time.perf_counter() - start
+    seconds = sum(json.loads(line)["step_s"] for r in results
+                  for line in (Path(r.dir) / "metrics.jsonl").read_text().splitlines())  # fmt: skip
+    return Path(results[-1].output), seconds
 
 
 def _evaluate_into(store: Store, run_id: str, ec, eval_dir: Path, info: dict[str, Any]) -> None:
@@ -145,13 +147,11 @@ def _evaluate_into(store: Store, run_id: str, ec, eval_dir: Path, info: dict[str
     info = {**info, "weights": str(Path(info["weights"]).resolve()) if info["weights"] else None}
     if store.done(run_id, str(eval_dir)):
         return
-    eval_s = 0.0
     if (eval_dir / "summary.json").is_file():
         summary = json.loads((eval_dir / "summary.json").read_text())
     else:
-        start = time.perf_counter()
         summary = evaluate(ec)
-        eval_s = time.perf_counter() - start
+    eval_s = summary.get("seconds")  # None: cached by a version that did not record it
     evaluated = "run" if ec.adapters else "base"  # full fine-tuning evaluates the tuned weights as the model
     scores = {"scores": [s for s in summary["scores"] if s["model"] == evaluated]}
     store.record(run_id, {**info, "eval_dir": str(eval_dir), "eval_s": eval_s}, scores)

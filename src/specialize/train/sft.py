@@ -56,8 +56,11 @@ class StageResult:
 
     @classmethod
     def load(cls, stage_dir: Path) -> StageResult:
+        """The stage as recorded, its paths rebased on where it is now: a cache may be moved, or reached by
+        another relative path than the run that wrote it."""
         data = json.loads((stage_dir / RESULT).read_text())
-        return cls(**{**data, "reused": True})
+        output = stage_dir / Path(data["output"]).relative_to(data["dir"])
+        return cls(**{**data, "dir": str(stage_dir), "output": str(output), "reused": True})
 
 
 @dataclass
