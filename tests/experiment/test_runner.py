@@ -135,6 +135,12 @@ def test_report_of_a_relative_output_dir_renders_from_anywhere(tiny_model_dir, t
     render(tmp_path / "rel/out")  # reads every run's predictions for the findings
     report = json.loads((tmp_path / "rel/out/report.json").read_text())
     assert report["findings"] and report["findings"][0]["finding"] == "generalist-gain"
+    md = (tmp_path / "rel/out/report.md").read_text()  # the same numbers as Markdown
+    assert "| task | base | gen only | specialist (n=8) | specialist + gen (n=8) |" in md
+    [hotel] = [r for r in report["table"]["rows"] if r["task"] == "hotel"]
+    cells = " | ".join(f"{c['mean']:.1f} [{c['low']:.1f}, {c['high']:.1f}]" for c in hotel["cells"])
+    assert f"| hotel ({hotel['metric']}) | {cells} |" in md
+    assert f"- {report['findings'][0]['text']}" in md and "| gen | " in md
 
 
 def test_specialist_mix_never_trains_on_evaluation_instances(tiny_model_dir, tmp_path):

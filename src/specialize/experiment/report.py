@@ -341,6 +341,12 @@ def _cell(c: dict[str, float] | None) -> str:
     return f'<td>{c["mean"]:.1f}<span class="ci"> [{c["low"]:.1f}, {c["high"]:.1f}]</span></td>'
 
 
+def _in_grid_order(runs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """Base first, then by generalist, amount and seed (numerically: n40 before n120)."""
+    return sorted(runs.items(), key=lambda kv: (kv[1]["weights"] is not None, kv[1]["generalist"],
+                                                kv[1]["amount"], kv[1]["seed"], kv[0]))  # fmt: skip
+
+
 def _seconds(s: float | None) -> str:
     return "–" if s is None else f"{s:.0f}"
 
@@ -389,8 +395,54 @@ td:first-child,th:first-child{text-align:left}.ci{color:#888;font-size:.8em}img{
 .holds{color:#1a7f37}.fails{color:#b42318}"""
 
 
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
+
+
+def _md_cell(c: dict[str, float] | None) -> str:
+    return "–" if c is None else f"{c['mean']:.1f} [{c['low']:.1f}, {c['high']:.1f}]"
+
+
+def markdown(data: dict[str, Any], tab: dict, cv: dict, found: list[dict], robust: list[dict]) -> str:
+    """The report's numbers as Markdown (report.md), for papers, READMEs and docs/results.md."""
+    cfg = data["meta"].get("config", {})
+    parts = [
+        f"# Experiment {cfg.get('name', '')}\n\n{cfg.get('description', '')}\n\n"
+        f"Scale: {cfg.get('scale_note', '')}\n\n## Results (95% bootstrap CI)\n",
+        _md_table(
+            ["task", *tab["columns"]],
+            [[f"{r['task']} ({r['metric']})", *map(_md_cell, r["cells"])] for r in tab["rows"]],
+        ),
+    ]
+    for task, by_gen in cv.items():
+        amounts = sorted({p[0] for pts in by_gen.values() for p in pts})
+        rows = []
+        for g, pts in sorted(by_gen.items()):
+            at = {a: {"mean": m, "low": lo, "high": hi} for a, m, lo, hi in pts}
+            rows.append([g, *(_md_cell(at.get(a)) for a in amounts)])
+        header = ["generalist", *(f"n={a}" for a in amounts)]
+        parts.append(f"\n## Score vs specialist data: {task}\n" + _md_table(header, rows))
+    texts = [f["text"] for f in found] or ["no comparison to test in this grid"]
+    parts.append("\n## Findings at this scale\n" + "".join(f"- {t}\n" for t in texts))
+    if robust:
+        rows = [[r["run"], *(f"{r[c]:.1f}" for c in ("original", "paraphrased", "worst", "best")),
+                 _md_cell(r["change"])]
+                for r in robust]  # fmt: skip
+        parts.append(
+            f"\n## Robustness to paraphrased instructions ({robust[0]['paraphrases']} paraphrases, "
+            f"{robust[0]['examples']} examples)\n"
+            + _md_table(["run", "original", "paraphrased (mean)", "worst", "best", "change (paired 95% CI)"], rows)
+        )
+    rows = [[k, _seconds(r["train_s"]), _seconds(r["eval_s"])] for k, r in _in_grid_order(data["runs"])]
+    parts.append("\n## Runs (compute seconds, as first measured)\n"
+                 + _md_table(["run", "train s (all its stages)", "eval s"], rows))  # fmt: skip
+    return "".join(parts)
+
+
 def render(run_dir: str | Path) -> Path:
-    """Write `report.html`, `report.json` and `curves.png` into the experiment directory; returns the HTML."""
+    """Write `report.html`, `report.md`, `report.json` and `curves.png` into the experiment directory; returns the
+    HTML."""
     run_dir = Path(run_dir)
     db = run_dir / "results.sqlite"
     if not db.is_file():
@@ -401,6 +453,7 @@ def render(run_dir: str | Path) -> Path:
     cfg = data["meta"].get("config", {})
     atomic_write_text(run_dir / "report.json", json.dumps({"table": tab, "curves": cv, "findings": found,
                                                            "robustness": robust}, indent=1))  # fmt: skip
+    atomic_write_text(run_dir / "report.md", markdown(data, tab, cv, found, robust))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in tab["columns"])
     body = "".join(f"<tr><td>{html.escape(r['task'])} <span class='ci'>{r['metric']}</span></td>"
                    + "".join(_cell(c) for c in r["cells"]) + "</tr>" for r in tab["rows"])  # fmt: skip
@@ -409,7 +462,7 @@ def render(run_dir: str | Path) -> Path:
         for f in found
     )
     timings = "".join(f"<tr><td>{html.escape(k)}</td><td>{_seconds(r['train_s'])}</td><td>{_seconds(r['eval_s'])}</td>"
-                      "</tr>" for k, r in sorted(data["runs"].items()))  # fmt: skip
+                      "</tr>" for k, r in _in_grid_order(data["runs"]))  # fmt: skip
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>specialize report: {html.escape(cfg.get("name", ""))}</title>
 <style>{CSS}</style></head><body>
 <h1>Experiment {html.escape(cfg.get("name", run_dir.name))}</h1>
