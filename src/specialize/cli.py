@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
 
     rep = sub.add_parser("report", help="render an experiment's tables, curves and findings (HTML + PNG)")
-    rep.add_argument("run_dir", help="the experiment's output_dir")
+    rep.add_argument("run_dir", nargs="+", help="the experiment's output_dir (several: one table across them)")
+    rep.add_argument("--out", help="with several experiments: where the combined report goes")
 
     qs = sub.add_parser("quickstart", help="the whole method in miniature (embedded model, shipped data)")
     qs.add_argument("--out", default="runs/quickstart")
@@ -322,9 +323,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from specialize.experiment.report import render
+    from specialize.config import ConfigError
+    from specialize.experiment.report import combine, render
 
-    print(f"report: {render(args.run_dir)}")
+    if len(args.run_dir) == 1 and not args.out:
+        print(f"report: {render(args.run_dir[0])}")
+    elif not args.out:
+        raise ConfigError("specialize report: several experiments need --out DIR for the combined report")
+    else:
+        print(f"report: {combine(args.run_dir, args.out)}")
     return 0
 
 

@@ -215,3 +215,28 @@ def test_report_renders_in_chromium_with_tables_and_images(tiny_model_dir, tmp_p
     # matplotlib's first two line colours (blue, orange) are on screen: the curve image was decoded and drawn
     near = lambda c, t: all(abs(a - b) < 40 for a, b in zip(c, t, strict=True))  # noqa: E731
     assert any(near(c, (31, 119, 180)) for _, c in colours) and any(near(c, (255, 127, 14)) for _, c in colours)
+
+
+def test_report_across_experiments_has_one_row_per_experiment(tiny_model_dir, tmp_path, capsys):
+    """Shi et al.'s Table 1 shape: rows are experiments (coverage levels), columns are roles."""
+    from specialize.cli import main
+
+    cache = str(tmp_path / "cache")
+    ex = examples_dir()
+    narrow = [{"path": f"{ex}/product_reviews.jsonl"}]
+    for name, changes in (("broad", {}), ("narrow", {"specialist": narrow, "amounts": [0, 4]})):
+        cfg = experiment(tiny_model_dir, tmp_path / name, cache_dir=cache, name=name, **changes)
+        run_experiment(load_experiment(write(cfg, tmp_path / f"{name}.yaml")))
+        render(tmp_path / name)
+    assert main(["report", str(tmp_path / "broad"), str(tmp_path / "narrow")]) == 1
+    assert "need --out DIR" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "broad"), str(tmp_path / "narrow"), "--out", str(tmp_path / "both")]) == 0
+    both = json.loads((tmp_path / "both/report.json").read_text())
+    assert both["columns"] == ["base", "gen only", "specialist", "specialist + gen"]
+    assert [r["experiment"] for r in both["rows"]] == ["broad: hotel, n=16", "narrow: hotel, n=4"]
+    for name, row in zip(("broad", "narrow"), both["rows"], strict=True):
+        own = json.loads((tmp_path / name / "report.json").read_text())
+        assert row["cells"] == own["table"]["rows"][0]["cells"]  # the experiment's own numbers, by role
+        assert [f"{name}: {f['text']}" for f in own["findings"]] == [f for f in both["findings"] if f.startswith(name)]
+    md = (tmp_path / "both/report.md").read_text()
+    assert "| experiment | base | gen only | specialist | specialist + gen |" in md and "| narrow: hotel, n=4 (" in md

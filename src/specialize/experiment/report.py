@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import sqlite3
 import statistics
 from collections import defaultdict
@@ -440,14 +441,18 @@ def markdown(data: dict[str, Any], tab: dict, cv: dict, found: list[dict], robus
     return "".join(parts)
 
 
+def _store(run_dir: Path) -> Path:
+    db = run_dir / "results.sqlite"
+    if not db.is_file():
+        raise FileNotFoundError(f"{db}: no results store; run `specialize run` first")
+    return db
+
+
 def render(run_dir: str | Path) -> Path:
     """Write `report.html`, `report.md`, `report.json` and `curves.png` into the experiment directory; returns the
     HTML."""
     run_dir = Path(run_dir)
-    db = run_dir / "results.sqlite"
-    if not db.is_file():
-        raise FileNotFoundError(f"{db}: no results store; run `specialize run` first")
-    data = load(db)
+    data = load(_store(run_dir))
     tab, cv, found, robust = table(data), curves(data), findings(data), robustness(data)
     png = plot_curves(cv, run_dir / "curves.png")
     cfg = data["meta"].get("config", {})
@@ -480,3 +485,52 @@ keeps its cost): training counts every stage of the run, so a shared stage appea
     out = run_dir / "report.html"
     atomic_write_text(out, page)
     return out
+
+
+# ------------------------------------------------------------------------------------------- several experiments
+
+
+def summary_row(tab: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's one-line result: its pooled "all N tasks" row at the fewest shots, or its only task."""
+    return next((r for r in tab["rows"] if r["task"].startswith("all ")), tab["rows"][0])
+
+
+def combine(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Shi et al.'s Table 1 across experiments: one row per experiment (a coverage level, a skill set), columns
+    by role (base, generalist only, specialist, specialist + generalist at the experiment's largest amount),
+    each experiment's findings below. Writes report.md, report.json and a self-contained report.html."""
+    rows, columns, found = [], [], []
+    for d in map(Path, run_dirs):
+        data = load(_store(d))
+        tab = table(data)
+        row = summary_row(tab)
+        amounts = sorted(set(re.findall(r"\(n=(\d+)\)", " ".join(tab["columns"]))))
+        cells = {re.sub(r" \(n=\d+\)", "", c): v for c, v in zip(tab["columns"], row["cells"], strict=True)}
+        columns += [c for c in cells if c not in columns]
+        name = data["meta"].get("config", {}).get("name", d.name)
+        label = f"{name}: {row['task']}" + (f", n={amounts[-1]}" if amounts else "")
+        rows.append((label, row["metric"], cells))
+        found += [f"{name}: {f['text']}" for f in findings(data)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table_rows = [[f"{label} ({metric})", *(_md_cell(cells.get(c)) for c in columns)] for label, metric, cells in rows]
+    md = ("# Experiments compared\n\nOne row per experiment: its pooled result (primary metric, 95% bootstrap "
+          "CI), specialists at the experiment's largest amount.\n\n" + _md_table(["experiment", *columns], table_rows)
+          + "\n## Findings at this scale\n" + "".join(f"- {t}\n" for t in found))  # fmt: skip
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.json", json.dumps({"columns": columns, "rows": [
+        {"experiment": label, "metric": metric, "cells": [cells.get(c) for c in columns]}
+        for label, metric, cells in rows], "findings": found}, indent=1))  # fmt: skip
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        f"<tr><td>{html.escape(label)} <span class='ci'>{metric}</span></td>"
+        + "".join(_cell(cells.get(c)) for c in columns)
+        + "</tr>"
+        for label, metric, cells in rows
+    )
+    items = "".join(f"<li>{html.escape(t)}</li>" for t in found)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>specialize: experiments compared</title>"
+            f"<style>{CSS}</style></head><body><h1>Experiments compared</h1><table id='results'><tr><th>experiment"
+            f"</th>{head}</tr>{body}</table><h2>Findings at this scale</h2><ul>{items}</ul></body></html>")  # fmt: skip
+    atomic_write_text(out / "report.html", page)
+    return out / "report.html"
