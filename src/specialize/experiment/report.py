@@ -162,6 +162,16 @@ def _evaluated(run: dict[str, Any]) -> str:
     return "run" if is_adapter(run["weights"]) else "base"
 
 
+def _signed(d: Any) -> str:
+    return f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}]"
+
+
+def _paired_difference(a: dict[tuple[str, str], float], b: dict[tuple[str, str], float]) -> tuple[Any, list]:
+    """Paired bootstrap of a - b over the examples both have (None when they share none), and those examples."""
+    keys = sorted(a.keys() & b.keys())
+    return (paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference if keys else None), keys
+
+
 def self_spec_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Kang et al.'s Table 1, tested on these numbers: the self-specialized model beats its base model. Per shot
     count: paired bootstrap of (self-specialized - base), pooled over tasks and examples."""
@@ -175,12 +185,11 @@ def self_spec_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     for k in sorted({s["k"] for s in data["scores"]}):
         a = _example_scores(data, synth[0], primary, k)
         b = _example_scores(data, base[0], primary, k)
-        keys = sorted(a.keys() & b.keys())
-        if not keys:
+        d, keys = _paired_difference(a, b)
+        if d is None:
             continue
-        d = paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference
         holds = d.low > 0
-        text = (f"Self-specialization changes the score by {d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}] points at "
+        text = (f"Self-specialization changes the score by {_signed(d)} points at "
                 f"k={k} ({len({t for t, _ in keys})} tasks, {len(keys)} examples): "
                 + ("better than the base model, as Kang et al. find" if holds else
                    "no significant gain over the base model; the finding does not hold at this scale"))  # fmt: skip
@@ -238,13 +247,12 @@ def robustness_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
         if not top or with_g is None or without is None:
             continue
         a, b = _paraphrased(data, with_g, primary, k0), _paraphrased(data, without, primary, k0)
-        keys = sorted(a.keys() & b.keys())
-        if not keys:
+        d, keys = _paired_difference(a, b)
+        if d is None:
             continue
-        d = paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference
         holds = d.mean > 0
         text = (f"Under paraphrased instructions, generalist data ({g}) changes the specialist's score (n={top}) by "
-                f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}] points ({len(keys)} examples): "
+                f"{_signed(d)} points ({len(keys)} examples): "
                 + ("more robust with generalist data, as the paper finds" if holds else
                    "no more robust with generalist data; the paper's finding does not hold at this scale")
                 + ("" if d.low > 0 or d.high < 0 else " (the CI includes 0)"))  # fmt: skip
@@ -271,8 +279,9 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             a = _example_scores(data, with_g, primary, k0)
             b = _example_scores(data, without, primary, k0)
-            keys = sorted(a.keys() & b.keys())
-            gains[n] = paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference
+            d, _ = _paired_difference(a, b)
+            if d is not None:
+                gains[n] = d
         if len(gains) == 2:
             lo, hi = gains[amounts[0]], gains[amounts[-1]]
             # the paper's finding: generalist data helps when task data is scarce, and helps less as it grows
@@ -284,15 +293,15 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
                 if lo.mean <= 0
                 else "it helps no more when task data is scarce; the paper's finding does not hold at this scale"
             )
-            text = (f"Generalist data ({g}) adds {lo.mean:+.1f} [{lo.low:+.1f}, {lo.high:+.1f}] points with "
-                    f"{amounts[0]} task examples and {hi.mean:+.1f} [{hi.low:+.1f}, {hi.high:+.1f}] "
+            text = (f"Generalist data ({g}) adds {_signed(lo)} points with "
+                    f"{amounts[0]} task examples and {_signed(hi)} "
                     f"with {amounts[-1]}: {verdict}"
                     + ("" if lo.low > 0 or lo.high < 0 else " (the small-data gain's CI includes 0)"))  # fmt: skip
             out.append({"finding": "generalist-gain", "generalist": g, "holds": holds, "text": text,
                         "gain_small": vars(lo), "gain_large": vars(hi)})  # fmt: skip
         elif len(gains) == 1:
             ((n, d),) = gains.items()
-            text = (f"Generalist data ({g}) adds {d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}] points at n={n} "
+            text = (f"Generalist data ({g}) adds {_signed(d)} points at n={n} "
                     "(one amount: no trend to test).")  # fmt: skip
             out.append({"finding": "generalist-gain", "generalist": g, "holds": None, "text": text, "gain": vars(d)})
     return out + robustness_findings(data) + self_spec_findings(data)
