@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from specialize.experiment.report import findings, read_examples, robustness
+from specialize.config import ConfigError
+from specialize.experiment.report import findings, read_examples, robustness, table
 from specialize.experiment.runner import BASE_RUN, SELF_SPEC
 
 
@@ -146,3 +147,40 @@ def test_paraphrase_robustness_table_and_finding(tmp_path: Path, robust: bool):
     [found] = [f for f in findings(data) if f["finding"] == "paraphrase-robustness"]
     assert found["gain"]["mean"] == pytest.approx(14 if robust else 0)
     assert found["holds"] is robust
+
+
+def test_report_groups_pool_their_tasks_into_rows_and_findings(tmp_path: Path):
+    """Skills as in Shi et al. Table 2: generalist data helps reasoning with scarce task data, harms factual."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    truth = [100.0] * 50 + [0.0] * 50
+
+    def moved(points: int) -> list[float]:  # +p: p wrong answers turn right; -p: p right answers turn wrong
+        return [0.0] * -points + truth[-points:] if points < 0 else truth[:50] + [100.0] * points + truth[50 + points :]
+
+    gain = {("fact", 8): -10, ("fact", 16): -10, ("reason", 8): 30, ("reason", 16): 5}
+    runs = {}
+    for n in (8, 16):
+        for g in ("none", "gen"):
+            values = {(t, 0): moved(gain[(t, n)]) if g == "gen" else truth for t in ("fact", "reason")}
+            runs[f"{g}-n{n}"] = {"generalist": g, "amount": n, "seed": 0, "weights": str(adapter),
+                                 "eval_dir": _eval_dir(tmp_path / f"{g}{n}", "run", values)}  # fmt: skip
+    scores = [{"run_id": r, "task": t, "k": 0, "variant": "original", "metric": "accuracy", "mean": 0.0,
+               "ci_low": 0.0, "ci_high": 100.0} for r in runs for t in ("fact", "reason")]  # fmt: skip
+    groups = {"factual": ["fact"], "reasoning": ["reason"]}
+    data = {"runs": runs, "scores": scores, "meta": {"config": {"report_groups": groups}},
+            "examples": read_examples(runs)}  # fmt: skip
+    rows = {r["task"]: r for r in table(data)["rows"]}
+    assert list(rows) == ["fact", "reason", "all 2 tasks", "factual (1 task)", "reasoning (1 task)"]
+    # columns: specialist (n=16), specialist + gen (n=16)
+    assert [c["mean"] for c in rows["reasoning (1 task)"]["cells"]] == pytest.approx([50, 55])
+    assert [c["mean"] for c in rows["factual (1 task)"]["cells"]] == pytest.approx([50, 40])
+    found = {f["scope"]: f for f in findings(data) if f["finding"] == "generalist-gain"}
+    assert found["reasoning"]["holds"] is True and found["reasoning"]["text"].startswith("[reasoning] ")
+    assert found["reasoning"]["gain_small"]["mean"] == pytest.approx(30)
+    assert found["factual"]["holds"] is False and found["factual"]["gain_small"]["mean"] == pytest.approx(-10)
+    assert found[None]["gain_small"]["mean"] == pytest.approx(10)  # pooled: (-10 + 30) / 2
+    data["meta"]["config"]["report_groups"] = {"factual": ["fact", "nq_open"]}
+    with pytest.raises(ConfigError, match=r"report_groups.factual: \['nq_open'\] were not evaluated"):
+        table(data)

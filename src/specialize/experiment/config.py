@@ -72,6 +72,11 @@ class ExperimentConfig(BaseModel):
     specialist_stage: StageSettings = StageSettings(epochs=3, batch_size=128)
     eval: EvalSettings
     include_base: bool = True
+    report_groups: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="named groups of evaluated tasks (e.g. skills: factual, reasoning), each pooled into its own "
+        "row of the report's table and tested in its own findings",
+    )
     save_every: int = Field(20, ge=0, description="optimizer steps between training checkpoints (resume points)")
     synth: dict[str, Any] | None = Field(None, description="a self-specialization round (SynthConfig fields)")
     synth_stage: StageSettings | None = Field(None, description="then tune a LoRA on the synthetic data and evaluate")
