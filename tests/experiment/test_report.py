@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from specialize.config import ConfigError
-from specialize.experiment.report import findings, read_examples, robustness, table
+from specialize.experiment.report import findings, read_answers, read_examples, robustness, table
 from specialize.experiment.runner import BASE_RUN, SELF_SPEC
 
 
@@ -147,6 +147,19 @@ def test_paraphrase_robustness_table_and_finding(tmp_path: Path, robust: bool):
     [found] = [f for f in findings(data) if f["finding"] == "paraphrase-robustness"]
     assert found["gain"]["mean"] == pytest.approx(14 if robust else 0)
     assert found["holds"] is robust
+
+    # a model that ranks one option first for everything is trivially unmoved by rewording: no verdict
+    for name in ("none", "gen"):
+        path = tmp_path / name / "predictions.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        for i, r in enumerate(rows):
+            r |= {"option_logprobs": {"yes": -1.0, "no": -2.0},
+                  "prediction": "yes" if name == "gen" or i % 2 else "no"}  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data["answers"] = read_answers(runs)
+    assert data["answers"]["gen-n16-s0"] == {"t": {"yes"}} and data["answers"]["none-n16-s0"] == {"t": {"yes", "no"}}
+    [found] = [f for f in findings(data) if f["finding"] == "paraphrase-robustness"]
+    assert found["holds"] is None and "one answer to every example" in found["text"]
 
 
 def test_report_groups_pool_their_tasks_into_rows_and_findings(tmp_path: Path):

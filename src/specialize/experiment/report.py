@@ -31,10 +31,29 @@ def load(db_path: Path) -> dict[str, Any]:
     scores = [dict(zip(("run_id", "task", "k", "variant", "split", "metric", "mean", "ci_low", "ci_high", "n"), r,
                        strict=True)) for r in db.execute("SELECT * FROM scores")]  # fmt: skip
     meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
-    return {"runs": runs, "scores": scores, "meta": meta, "examples": read_examples(runs)}
+    return {
+        "runs": runs,
+        "scores": scores,
+        "meta": meta,
+        "examples": read_examples(runs),
+        "answers": read_answers(runs),
+    }
 
 
 Examples = dict[tuple[str, int, str, str], dict[str, float]]  # (task, k, variant, example id) -> metric scores
+
+
+def read_answers(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, set[str]]]:
+    """run_id -> task -> the distinct options the run's model ranked first (option-ranking tasks only, every
+    k and instruction): one answer to everything is a degenerate model, whatever its score."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for run_id, r in runs.items():
+        model, tasks = _evaluated(r), out.setdefault(run_id, {})
+        for line in (Path(r["eval_dir"]) / "predictions.jsonl").read_text().splitlines():
+            p = json.loads(line)
+            if p["model"] == model and "option_logprobs" in p:
+                tasks.setdefault(p["task"], set()).add(p["prediction"])
+    return out
 
 
 def read_examples(runs: dict[str, dict[str, Any]]) -> dict[str, Examples]:
@@ -273,11 +292,15 @@ def robustness_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
         d, keys = _paired_difference(a, b)
         if d is None:
             continue
-        holds = d.mean > 0
+        answers = data.get("answers", {}).get(with_g, {})
+        constant = bool(answers) and all(len(a) == 1 for a in answers.values())
+        holds = None if constant else d.mean > 0
+        verdict = ("undetermined: with generalist data the model gives one answer to every example under every "
+                   "instruction, so it is unchanged by rewording without reading it" if constant else
+                   "more robust with generalist data, as the paper finds" if holds else
+                   "no more robust with generalist data; the paper's finding does not hold at this scale")  # fmt: skip
         text = (f"Under paraphrased instructions, generalist data ({g}) changes the specialist's score (n={top}) by "
-                f"{_signed(d)} points ({len(keys)} examples): "
-                + ("more robust with generalist data, as the paper finds" if holds else
-                   "no more robust with generalist data; the paper's finding does not hold at this scale")
+                f"{_signed(d)} points ({len(keys)} examples): {verdict}"
                 + ("" if d.low > 0 or d.high < 0 else " (the CI includes 0)"))  # fmt: skip
         out.append({"finding": "paraphrase-robustness", "generalist": g, "holds": holds, "text": text,
                     "gain": vars(d)})  # fmt: skip
