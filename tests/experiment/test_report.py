@@ -137,7 +137,8 @@ def test_paraphrase_robustness_table_and_finding(tmp_path: Path, robust: bool):
         "gen-n16-s0": {"generalist": "gen", "amount": 16, "seed": 0, "weights": str(adapter),
                        "eval_dir": _eval_dir(tmp_path / "gen", "run", sturdy if robust else fragile)},
     }  # fmt: skip
-    scores = [{"run_id": r, "task": "t", "k": 0, "variant": "original", "metric": "accuracy"} for r in runs]
+    scores = [{"run_id": r, "task": "t", "k": 0, "variant": "original", "metric": "accuracy", "mean": 0.0,
+               "ci_low": 0.0, "ci_high": 100.0} for r in runs]  # fmt: skip
     data = {"runs": runs, "scores": scores, "meta": {}, "examples": read_examples(runs)}
     rows = {r["run"]: r for r in robustness(data)}
     none = rows["none-n16-s0"]
@@ -160,6 +161,8 @@ def test_paraphrase_robustness_table_and_finding(tmp_path: Path, robust: bool):
     assert data["answers"]["gen-n16-s0"] == {"t": {"yes"}} and data["answers"]["none-n16-s0"] == {"t": {"yes", "no"}}
     [found] = [f for f in findings(data) if f["finding"] == "paraphrase-robustness"]
     assert found["holds"] is None and "one answer to every example" in found["text"]
+    [row] = table(data)["rows"]  # and the table marks the constant model's score
+    assert [c["one_answer"] for c in row["cells"]] == [False, True]
 
 
 def test_report_groups_pool_their_tasks_into_rows_and_findings(tmp_path: Path):

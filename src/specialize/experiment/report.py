@@ -103,6 +103,11 @@ def _columns(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
     return [(name, ids) for name, ids in cols if ids]
 
 
+# Marks a score whose model ranked the same option first for every example of the task: at the majority rate
+# or below it, whatever the number, the model did not read the inputs.
+ONE_ANSWER_MARK = "†"
+ONE_ANSWER_NOTE = "† the model ranked the same option first for every test example of the task."
+
 # More tasks than this are summarized by one pooled "all tasks" row and curve (a category such as SuperNI
 # Sentiment expands into ~40 tasks; the paper reports their average).
 MAX_TASK_CURVES = 4
@@ -136,6 +141,7 @@ def table(data: dict[str, Any]) -> dict[str, Any]:
     """Rows: task (x k when several shot counts were evaluated); columns: see `_columns`."""
     ks = sorted({s["k"] for s in data["scores"]})
     cols = _columns(data["runs"])
+    answers = data.get("answers", {})
     metrics = primary_metrics(data["scores"])
     rows = []
     for k in ks:
@@ -154,7 +160,9 @@ def table(data: dict[str, Any]) -> dict[str, Any]:
             for _, ids in cols:
                 vals = [head[(i, t)] for i in ids if (i, t) in head]
                 cells.append({"mean": statistics.mean(v["mean"] for v in vals), "low": min(v["low"] for v in vals),
-                              "high": max(v["high"] for v in vals)} if vals else None)  # fmt: skip
+                              "high": max(v["high"] for v in vals),
+                              "one_answer": all(len(answers.get(i, {}).get(t, ())) == 1 for i in ids)}
+                             if vals else None)  # fmt: skip
             label = t if len(ks) == 1 else f"{t} (k={k})"
             rows.append({"task": label, "metric": metrics.get(t, "primary metric, pooled"), "cells": cells})
     return {"columns": [c for c, _ in cols], "rows": rows}
@@ -403,7 +411,8 @@ def _img(path: Path | None, alt: str) -> str:
 def _cell(c: dict[str, float] | None) -> str:
     if c is None:
         return "<td>-</td>"
-    return f'<td>{c["mean"]:.1f}<span class="ci"> [{c["low"]:.1f}, {c["high"]:.1f}]</span></td>'
+    mark = ONE_ANSWER_MARK if c.get("one_answer") else ""
+    return f'<td>{c["mean"]:.1f}{mark}<span class="ci"> [{c["low"]:.1f}, {c["high"]:.1f}]</span></td>'
 
 
 def _in_grid_order(runs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -465,8 +474,10 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
 
 
-def _md_cell(c: dict[str, float] | None) -> str:
-    return "–" if c is None else f"{c['mean']:.1f} [{c['low']:.1f}, {c['high']:.1f}]"
+def _md_cell(c: dict[str, Any] | None) -> str:
+    if c is None:
+        return "–"
+    return f"{c['mean']:.1f}{ONE_ANSWER_MARK if c.get('one_answer') else ''} [{c['low']:.1f}, {c['high']:.1f}]"
 
 
 def markdown(data: dict[str, Any], tab: dict, cv: dict, found: list[dict], robust: list[dict]) -> str:
@@ -474,7 +485,7 @@ def markdown(data: dict[str, Any], tab: dict, cv: dict, found: list[dict], robus
     cfg = data["meta"].get("config", {})
     parts = [
         f"# Experiment {cfg.get('name', '')}\n\n{cfg.get('description', '')}\n\n"
-        f"Scale: {cfg.get('scale_note', '')}\n\n## Results (95% bootstrap CI)\n",
+        f"Scale: {cfg.get('scale_note', '')}\n\n## Results (95% bootstrap CI; {ONE_ANSWER_NOTE})\n",
         _md_table(
             ["task", *tab["columns"]],
             [[f"{r['task']} ({r['metric']})", *map(_md_cell, r["cells"])] for r in tab["rows"]],
@@ -536,7 +547,7 @@ def render(run_dir: str | Path) -> Path:
 <style>{CSS}</style></head><body>
 <h1>Experiment {html.escape(cfg.get("name", run_dir.name))}</h1>
 <p>{html.escape(cfg.get("description", ""))}</p><p class="ci">{html.escape(cfg.get("scale_note", ""))}</p>
-<h2>Results</h2><p>Primary metric per task, original instruction, 95% bootstrap CI in brackets.</p>
+<h2>Results</h2><p>Primary metric per task, original instruction, 95% bootstrap CI in brackets. {ONE_ANSWER_NOTE}</p>
 <table id="results"><tr><th>task</th>{head}</tr>{body}</table>
 <h2>Findings at this scale</h2><ul id="findings">{finding_items or "<li>no comparison to test in this grid</li>"}</ul>
 <h2>Score vs specialist data</h2>{_img(png, "score vs specialist amount")}
