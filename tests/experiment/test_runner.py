@@ -138,7 +138,8 @@ def test_report_of_a_relative_output_dir_renders_from_anywhere(tiny_model_dir, t
     md = (tmp_path / "rel/out/report.md").read_text()  # the same numbers as Markdown
     assert "| task | base | gen only | specialist (n=8) | specialist + gen (n=8) |" in md
     [hotel] = [r for r in report["table"]["rows"] if r["task"] == "hotel"]
-    cells = " | ".join(f"{c['mean']:.1f} [{c['low']:.1f}, {c['high']:.1f}]" for c in hotel["cells"])
+    cells = " | ".join(f"{c['mean']:.1f}{'†' * c['one_answer']} [{c['low']:.1f}, {c['high']:.1f}]"
+                       for c in hotel["cells"])  # fmt: skip
     assert f"| hotel ({hotel['metric']}) | {cells} |" in md
     assert f"- {report['findings'][0]['text']}" in md and "| gen | " in md
 
