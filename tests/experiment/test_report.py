@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from specialize.config import ConfigError
-from specialize.experiment.report import findings, read_answers, read_examples, robustness, table
+from specialize.experiment.report import findings, read_predictions, robustness, table
 from specialize.experiment.runner import BASE_RUN, SELF_SPEC
 
 
@@ -36,7 +36,7 @@ def _data(tmp_path: Path, base: dict, tuned: dict) -> dict:
     }  # fmt: skip
     scores = [{"run_id": r, "task": t, "k": k, "variant": "original", "metric": "accuracy", "mean": 0.0}
               for r in runs for t, k in base]  # fmt: skip
-    return {"runs": runs, "scores": scores, "meta": {}, "examples": read_examples(runs)}
+    return {"runs": runs, "scores": scores, "meta": {}, **read_predictions(runs)}
 
 
 @pytest.mark.parametrize("better", [True, False])
@@ -78,7 +78,7 @@ def test_generalist_finding_needs_a_gain_that_shrinks_with_task_data(tmp_path, s
             runs[f"{g}-n{n}"] = {"generalist": g, "amount": n, "seed": 0, "weights": str(adapter),
                                  "eval_dir": _eval_dir(tmp_path / f"{g}{n}", "run", {("t", 0): values})}  # fmt: skip
     scores = [{"run_id": r, "task": "t", "k": 0, "variant": "original", "metric": "accuracy"} for r in runs]
-    (found,) = findings({"runs": runs, "scores": scores, "meta": {}, "examples": read_examples(runs)})
+    (found,) = findings({"runs": runs, "scores": scores, "meta": {}, **read_predictions(runs)})
     assert found["gain_small"]["mean"] == pytest.approx(small) and found["gain_large"]["mean"] == pytest.approx(large)
     assert found["holds"] is holds and verdict in found["text"]
 
@@ -104,7 +104,7 @@ def test_many_tasks_are_summarized_by_a_pooled_row_and_one_curve(tmp_path):
         scores += [{"run_id": run_id, "task": t, "k": 0, "variant": "original", "metric": "accuracy",
                     "mean": sum(values[(t, 0)]) / 20, "ci_low": 0.0, "ci_high": 100.0} for t in tasks]  # fmt: skip
         pooled[run_id] = sum(sum(v) for v in values.values()) / 120
-    data = {"runs": runs, "scores": scores, "meta": {}, "examples": read_examples(runs)}
+    data = {"runs": runs, "scores": scores, "meta": {}, **read_predictions(runs)}
     tab = table(data)
     last = tab["rows"][-1]
     assert len(tab["rows"]) == 7 and last["task"] == "all 6 tasks"
@@ -139,7 +139,7 @@ def test_paraphrase_robustness_table_and_finding(tmp_path: Path, robust: bool):
     }  # fmt: skip
     scores = [{"run_id": r, "task": "t", "k": 0, "variant": "original", "metric": "accuracy", "mean": 0.0,
                "ci_low": 0.0, "ci_high": 100.0} for r in runs]  # fmt: skip
-    data = {"runs": runs, "scores": scores, "meta": {}, "examples": read_examples(runs)}
+    data = {"runs": runs, "scores": scores, "meta": {}, **read_predictions(runs)}
     rows = {r["run"]: r for r in robustness(data)}
     none = rows["none-n16-s0"]
     assert (none["original"], none["paraphrased"], none["worst"], none["best"]) == pytest.approx((60, 45, 40, 50))
@@ -157,7 +157,7 @@ def test_paraphrase_robustness_table_and_finding(tmp_path: Path, robust: bool):
             r |= {"option_logprobs": {"yes": -1.0, "no": -2.0},
                   "prediction": "yes" if name == "gen" or i % 2 else "no"}  # fmt: skip
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data["answers"] = read_answers(runs)
+    data["answers"] = read_predictions(runs)["answers"]
     assert data["answers"]["gen-n16-s0"] == {"t": {"yes"}} and data["answers"]["none-n16-s0"] == {"t": {"yes", "no"}}
     [found] = [f for f in findings(data) if f["finding"] == "paraphrase-robustness"]
     assert found["holds"] is None and "one answer to every example" in found["text"]
@@ -186,7 +186,7 @@ def test_report_groups_pool_their_tasks_into_rows_and_findings(tmp_path: Path):
                "ci_low": 0.0, "ci_high": 100.0} for r in runs for t in ("fact", "reason")]  # fmt: skip
     groups = {"factual": ["fact"], "reasoning": ["reason"]}
     data = {"runs": runs, "scores": scores, "meta": {"config": {"report_groups": groups}},
-            "examples": read_examples(runs)}  # fmt: skip
+            **read_predictions(runs)}  # fmt: skip
     rows = {r["task"]: r for r in table(data)["rows"]}
     assert list(rows) == ["fact", "reason", "all 2 tasks", "factual (1 task)", "reasoning (1 task)"]
     # columns: specialist (n=16), specialist + gen (n=16)

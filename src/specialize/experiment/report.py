@@ -35,37 +35,30 @@ def load(db_path: Path) -> dict[str, Any]:
         "runs": runs,
         "scores": scores,
         "meta": meta,
-        "examples": read_examples(runs),
-        "answers": read_answers(runs),
+        **read_predictions(runs),
     }
 
 
 Examples = dict[tuple[str, int, str, str], dict[str, float]]  # (task, k, variant, example id) -> metric scores
 
 
-def read_answers(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, set[str]]]:
-    """run_id -> task -> the distinct options the run's model ranked first (option-ranking tasks only, every
-    k and instruction): one answer to everything is a degenerate model, whatever its score."""
-    out: dict[str, dict[str, set[str]]] = {}
+def read_predictions(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each run's predictions file, read once, as
+    - examples: run_id -> (task, k, variant, example id) -> metric scores of the model the run evaluated;
+    - answers: run_id -> task -> the distinct options that model ranked first (option-ranking tasks, every k
+      and instruction): one answer to everything is a degenerate model, whatever its score."""
+    examples: dict[str, Examples] = {}
+    answers: dict[str, dict[str, set[str]]] = {}
     for run_id, r in runs.items():
-        model, tasks = _evaluated(r), out.setdefault(run_id, {})
+        model, rows, tasks = _evaluated(r), examples.setdefault(run_id, {}), answers.setdefault(run_id, {})
         for line in (Path(r["eval_dir"]) / "predictions.jsonl").read_text().splitlines():
             p = json.loads(line)
-            if p["model"] == model and "option_logprobs" in p:
+            if p["model"] != model:
+                continue
+            rows[(p["task"], p["k"], p["variant"], p["id"])] = p["scores"]
+            if "option_logprobs" in p:
                 tasks.setdefault(p["task"], set()).add(p["prediction"])
-    return out
-
-
-def read_examples(runs: dict[str, dict[str, Any]]) -> dict[str, Examples]:
-    """run_id -> the per-example scores of the model the run evaluated; each predictions file is read once."""
-    out: dict[str, Examples] = {}
-    for run_id, r in runs.items():
-        model, rows = _evaluated(r), out.setdefault(run_id, {})
-        for line in (Path(r["eval_dir"]) / "predictions.jsonl").read_text().splitlines():
-            p = json.loads(line)
-            if p["model"] == model:
-                rows[(p["task"], p["k"], p["variant"], p["id"])] = p["scores"]
-    return out
+    return {"examples": examples, "answers": answers}
 
 
 def primary_metrics(scores: list[dict[str, Any]]) -> dict[str, str]:
