@@ -264,8 +264,8 @@ def robustness(data: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         orig = _example_scores(data, run_id, primary, k0)
         keys = sorted(para.keys() & orig.keys())
-        per_variant = [[_example_scores(data, run_id, primary, k0, v)[x] for x in keys]
-                       for v in _paraphrase_variants(data, run_id)]  # fmt: skip
+        variants = [_example_scores(data, run_id, primary, k0, v) for v in _paraphrase_variants(data, run_id)]
+        per_variant = [[scores[x] for x in keys] for scores in variants]
         change = paired_bootstrap([para[x] for x in keys], [orig[x] for x in keys]).difference
         out.append({"run": run_id, "examples": len(keys), "paraphrases": len(per_variant),
                     "original": statistics.mean(orig[x] for x in keys),
