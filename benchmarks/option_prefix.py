@@ -25,12 +25,13 @@ def main() -> None:
 
     import specialize.eval.options as options
     from specialize.eval.tasks import load_task_spec, load_tasks
-    from specialize.models import load_model
+    from specialize.models import load_model, select_precision
     from specialize.prompts import AlpacaTemplate, encode_prompt, render_prompt
 
     torch.set_num_threads(args.threads)
     model, tok = load_model("embedded", threads=args.threads)
     template = AlpacaTemplate()
+    precision = select_precision("auto", "cpu")  # what `specialize eval` runs under
     spec = load_task_spec("superni_sentiment", str(SHARED), {"limit": args.limit})
     tasks = load_tasks(spec)[: args.tasks]
     work = [([encode_prompt(render_prompt(e, template), template, tok) for e in t.examples], t.options) for t in tasks]
@@ -42,7 +43,8 @@ def main() -> None:
         options.MIN_SHARED_PREFIX = min_shared
         start = time.perf_counter()
         scores = [[s.logprob for s in row] for prompts, opts in work
-                  for row in options.score_options(model, tok, prompts, [opts] * len(prompts), batch_size=args.batch)
+                  for row in options.score_options(model, tok, prompts, [opts] * len(prompts), batch_size=args.batch,
+                                                   precision=precision)
                   ]  # fmt: skip
         return time.perf_counter() - start, scores
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import openai
 
-from specialize.models import load_model
+from specialize.models import load_model, select_precision
 from specialize.serve.engine import Engine
 from specialize.serve.server import ServeConfig, running
 
@@ -99,7 +99,7 @@ def main() -> None:
             cfg = ServeConfig(port=0, adapters=adapters, policy=mode, max_batch_size=batch or args.batch,
                               batch_wait_ms=20)  # fmt: skip
             engine = Engine(model, tok, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
-                            policy=mode)  # fmt: skip
+                            policy=mode, precision=select_precision("auto", "cpu"))  # fmt: skip
             for name, path in adapters.items():
                 engine.add_adapter(name, path)
             with running(cfg, engine) as url:

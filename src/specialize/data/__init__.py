@@ -8,9 +8,10 @@ from specialize.data.readers import (
     read_records,
     read_superni_task,
     source_exists,
+    superni_task_files,
 )
-from specialize.data.records import DataError, Example, LoadResult, Skipped, Turn
 from specialize.data.writers import write_jsonl, write_parquet, write_records
+from specialize.records import DataError, Example, LoadResult, Skipped, Turn
 
 __all__ = [
     "FORMATS",
@@ -25,6 +26,7 @@ __all__ = [
     "read_records",
     "read_superni_task",
     "source_exists",
+    "superni_task_files",
     "write_jsonl",
     "write_parquet",
     "write_records",

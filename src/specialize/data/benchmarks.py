@@ -6,12 +6,12 @@ options where the benchmark has a closed answer set) through the same row builde
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from specialize.data.readers import _Builder, _parse_json, _read_text, _rows_csv, iter_jsonl
-from specialize.data.records import DataError
+from specialize.data.rows import Located, _parse_json, _read_text, _rows_csv, iter_jsonl
+from specialize.records import DataError
 
 Row = dict[str, Any]
 
@@ -30,10 +30,6 @@ FPB_INSTRUCTION = (
 )
 CLOSED_QA_INSTRUCTION = "Answer the question with a short phrase."
 MC_INSTRUCTION = "Answer the question by choosing one of the options."
-
-BENCHMARK_FORMATS = (
-    "pubmedqa", "pubmedqa-long", "iob-ner", "snli", "commonsenseqa", "aqua", "nq-open", "webquestions", "fpb",
-)  # fmt: skip
 
 
 def _pubmedqa(path: Path, long: bool) -> Iterator[tuple[int | None, Row]]:
@@ -204,12 +200,10 @@ def _fpb(path: Path) -> Iterator[tuple[int | None, Row]]:
         )
 
 
-def read_benchmark(path: Path, fmt: str, builder: _Builder) -> None:
-    readers = {
-        "pubmedqa": lambda p: _pubmedqa(p, long=False),
-        "pubmedqa-long": lambda p: _pubmedqa(p, long=True),
-        "iob-ner": _iob_ner, "snli": _snli, "commonsenseqa": _commonsenseqa, "aqua": _aqua,
-        "nq-open": _nq_open, "webquestions": _webquestions, "fpb": _fpb,
-    }  # fmt: skip
-    for line, row in readers[fmt](path):
-        builder.add(line, row)
+# format name -> rows for the builder (registered in readers.READERS)
+BENCHMARK_READERS: dict[str, Callable[[Path], Iterator[Located]]] = {
+    "pubmedqa": lambda p: _pubmedqa(p, long=False),
+    "pubmedqa-long": lambda p: _pubmedqa(p, long=True),
+    "iob-ner": _iob_ner, "snli": _snli, "commonsenseqa": _commonsenseqa, "aqua": _aqua,
+    "nq-open": _nq_open, "webquestions": _webquestions, "fpb": _fpb,
+}  # fmt: skip

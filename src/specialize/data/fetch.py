@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from specialize.data.readers import read_records
-from specialize.data.records import LoadResult
 from specialize.data.writers import write_jsonl
+from specialize.records import LoadResult
 
 
 @dataclass(frozen=True)

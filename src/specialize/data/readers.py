@@ -1,324 +1,34 @@
-"""Readers: every supported file format and dataset family -> `Example` records.
+"""Readers: every supported file format and dataset family -> `Example` records, through one registry.
 
-Each reader yields raw rows with their location (line, or row for Parquet / HF datasets), and one
-builder turns a row into an `Example` through a `FieldMap`. Errors name file, line and field; with
-`skip_invalid=True` bad rows are counted and reported in `LoadResult.skipped`, never dropped silently.
+A reader takes a path and the row builder (`rows.py`) and feeds it rows; `READERS` maps each format name to
+its reader, so the format list, detection and dispatch cannot drift apart. Errors name file, line and field;
+with `skip_invalid=True` bad rows are counted and reported in `LoadResult.skipped`, never dropped silently.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-from specialize.data.records import DataError, Example, LoadResult, Skipped, Turn, content_id
-
-Row = dict[str, Any]
-Located = tuple[int | None, Row]  # (line or row number, raw row)
-
-FORMATS = (
-    "jsonl", "json", "csv", "parquet",  # generic, with a field mapping
-    "alpaca", "lima", "dolly", "self-instruct", "box", "superni",  # dataset families
-    "hf-disk", "hf-hub",  # Hugging Face `datasets`
-    # evaluation benchmarks (data/benchmarks.py)
-    "pubmedqa", "pubmedqa-long", "iob-ner", "snli", "commonsenseqa", "aqua", "nq-open", "webquestions", "fpb",
-)  # fmt: skip
-
-
-class FieldMap(BaseModel):
-    """Which source column feeds which record field. `None` means the source has no such column.
-
-    Columns not named here go into `metadata` (unless `keep_extra=False`).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    instruction: str = "instruction"
-    input: str | None = "input"
-    output: str = "output"
-    id: str | None = "id"
-    references: str | None = "references"
-    options: str | None = "options"
-    history: str | None = "history"
-    task: str | None = "task"
-    source: str | None = "source"
-    metadata: str | None = "metadata"
-    keep_extra: bool = True
-
-    def columns(self) -> set[str]:
-        names = self.model_dump(exclude={"keep_extra"}).values()
-        return {n for n in names if n}
-
-
-DOLLY_MAP = FieldMap(input="context", output="response", task="category")
-
-
-# ---------------------------------------------------------------------------------------------
-# Containers: bytes on disk -> located rows
-
-
-def _read_text(path: Path, encoding: str = "utf-8") -> str:
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
-    try:
-        return raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(path, line, None, f"not valid UTF-8 ({e.reason})") from None
-
-
-def _parse_json(path: Path, text: str) -> tuple[Any, list[int] | None]:
-    """Parse a JSON document; for a top-level array also return each item's line number."""
-    start = len(text) - len(text.lstrip())
-    if not text[start:].startswith("["):
-        try:
-            return json.loads(text), None
-        except json.JSONDecodeError as e:
-            raise DataError(path, e.lineno, None, f"malformed JSON: {e.msg}") from None
-    decoder = json.JSONDecoder()
-    items: list[Any] = []
-    lines: list[int] = []
-    pos, line = start + 1, 1 + text.count("\n", 0, start + 1)
-
-    def skip_ws(p: int) -> int:
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    def advance(to: int) -> None:
-        nonlocal pos, line
-        line += text.count("\n", pos, to)
-        pos = to
-
-    advance(skip_ws(pos))
-    if pos < len(text) and text[pos] == "]":
-        return items, lines
-    while True:
-        try:
-            item, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(path, e.lineno, None, f"malformed JSON: {e.msg}") from None
-        items.append(item)
-        lines.append(line)
-        advance(skip_ws(end))
-        if pos < len(text) and text[pos] == ",":
-            advance(skip_ws(pos + 1))
-            continue
-        if pos < len(text) and text[pos] == "]":
-            return items, lines
-        raise DataError(path, line, None, "malformed JSON: expected ',' or ']' between array items")
-
-
-def iter_jsonl(path: Path) -> Iterator[Located]:
-    """(line number, object) for each non-blank line of a JSONL file (gzipped or not)."""
-    for lineno, raw in enumerate(io.StringIO(_read_text(path)), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise DataError(path, lineno, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(path, lineno, None, f"expected a JSON object, got {type(row).__name__}")
-        yield lineno, row
-
-
-def _rows_json_array(path: Path, data: Any, lines: list[int] | None) -> Iterator[Located]:
-    if isinstance(data, dict):
-        # {"data": [...]} / {"train": [...]}: accept a single list-valued key
-        lists = [k for k, v in data.items() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(path, None, None, "expected a JSON array of objects (or an object with one list)")
-        data, lines = data[lists[0]], None
-    if not isinstance(data, list):
-        raise DataError(path, None, None, f"expected a JSON array, got {type(data).__name__}")
-    for i, row in enumerate(data):
-        line = lines[i] if lines else None
-        if not isinstance(row, dict):
-            raise DataError(path, line, f"[{i}]", f"expected a JSON object, got {type(row).__name__}")
-        yield line, row
-
-
-def _rows_csv(path: Path, encoding: str = "utf-8") -> Iterator[Located]:
-    reader = csv.DictReader(io.StringIO(_read_text(path, encoding), newline=""))
-    if not reader.fieldnames:
-        raise DataError(path, 1, None, "CSV has no header row")
-    for row in reader:
-        if None in row:  # more cells than header columns
-            raise DataError(path, reader.line_num, None, "row has more cells than the header")
-        yield reader.line_num, row
-
-
-def _rows_parquet(path: Path) -> Iterator[Located]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    yield from enumerate(table.to_pylist(), start=1)
-
-
-def _rows_hf(dataset: Any) -> Iterator[Located]:
-    for i, row in enumerate(dataset, start=1):
-        yield i, dict(row)
-
-
-# ---------------------------------------------------------------------------------------------
-# Row -> Example
-
-
-def _text(value: Any, path: Path, line: int | None, name: str, *, required: bool) -> str:
-    if value is None:
-        if required:
-            raise DataError(path, line, name, "missing")
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise DataError(path, line, name, f"expected text, got {type(value).__name__}")
-    return str(value)  # numeric labels (0/1, star ratings) are legitimate text targets
-
-
-def _text_list(value: Any, path: Path, line: int | None, name: str) -> list[str]:
-    if isinstance(value, str) and value.lstrip().startswith("["):  # CSV cells holding JSON lists
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise DataError(path, line, name, "expected a JSON list of strings") from None
-    if not isinstance(value, list | tuple):
-        raise DataError(path, line, name, f"expected a list of strings, got {type(value).__name__}")
-    return [_text(v, path, line, f"{name}[{i}]", required=True) for i, v in enumerate(value)]
-
-
-def _history(value: Any, path: Path, line: int | None, name: str) -> tuple[Turn, ...]:
-    if not value:
-        return ()
-    if not isinstance(value, list):
-        raise DataError(path, line, name, "expected a list of [user, assistant] pairs")
-    turns = []
-    for i, pair in enumerate(value):
-        if isinstance(pair, dict) and {"user", "assistant"} <= pair.keys():
-            pair = [pair["user"], pair["assistant"]]
-        if not (isinstance(pair, list | tuple) and len(pair) == 2):
-            raise DataError(path, line, f"{name}[{i}]", "expected a [user, assistant] pair")
-        turns.append(
-            Turn(
-                user=_text(pair[0], path, line, f"{name}[{i}][0]", required=True),
-                assistant=_text(pair[1], path, line, f"{name}[{i}][1]", required=True),
-            )
-        )
-    return tuple(turns)
-
-
-def _present(row: Row, column: str | None) -> bool:
-    """An optional column counts as absent when missing, null, or an empty CSV cell."""
-    return bool(column) and row.get(column) not in (None, "")
-
-
-@dataclass
-class _Builder:
-    """Turns located rows into Examples; owns id de-duplication and skip accounting."""
-
-    path: Path
-    fmap: FieldMap
-    source: str
-    task: str
-    skip_invalid: bool
-    result: LoadResult = field(default_factory=LoadResult)
-    seen_ids: dict[str, int] = field(default_factory=dict)
-
-    def add(self, line: int | None, row: Row, *, extra_meta: dict[str, Any] | None = None, where: str = "") -> None:
-        """Build and keep one record; `where` prefixes the field path of errors (e.g. "Instances[3].")."""
-        try:
-            ex = self._build(line, row, extra_meta or {})
-        except DataError as e:
-            self.reject(DataError(e.path, e.line, f"{where}{e.field or ''}" or None, e.message))
-            return
-        self.result.records.append(ex)
-
-    def reject(self, error: DataError) -> None:
-        if not self.skip_invalid:
-            raise error
-        self.result.skipped.append(Skipped(error.path, error.line, error.field, error.message))
-
-    def _build(self, line: int | None, row: Row, extra_meta: dict[str, Any]) -> Example:
-        m, p = self.fmap, self.path
-        for col in (m.instruction, m.output):
-            if col not in row:
-                raise DataError(p, line, col, f"missing (row has: {', '.join(sorted(row)) or 'nothing'})")
-        instruction = _text(row[m.instruction], p, line, m.instruction, required=True)
-        if not instruction.strip():
-            raise DataError(p, line, m.instruction, "empty instruction")
-        raw_out = row[m.output]
-        if isinstance(raw_out, list | tuple):
-            refs = _text_list(raw_out, p, line, m.output)
-            if not refs:
-                raise DataError(p, line, m.output, "empty list of outputs")
-            output = refs[0]
-        else:
-            output = _text(raw_out, p, line, m.output, required=True)
-            refs = [output]
-        if _present(row, m.references):
-            extra = _text_list(row[m.references], p, line, m.references)
-            refs = [output] + [r for r in extra if r != output]
-        input_ = _text(row.get(m.input), p, line, m.input, required=False) if m.input else ""
-        options = None
-        if _present(row, m.options):
-            options = tuple(_text_list(row[m.options], p, line, m.options))
-        history = _history(row[m.history], p, line, m.history) if _present(row, m.history) else ()
-        task = _text(row.get(m.task), p, line, m.task, required=False) if m.task else ""
-        source = _text(row.get(m.source), p, line, m.source, required=False) if m.source else ""
-        metadata: dict[str, Any] = {}
-        if _present(row, m.metadata):
-            meta = row[m.metadata]
-            if isinstance(meta, str):  # Parquet/CSV store metadata as JSON text
-                try:
-                    meta = json.loads(meta)
-                except json.JSONDecodeError:
-                    raise DataError(p, line, m.metadata, "expected a JSON object") from None
-            if not isinstance(meta, dict):
-                raise DataError(p, line, m.metadata, "expected an object")
-            metadata.update(meta)
-        if m.keep_extra:
-            used = m.columns()
-            metadata.update({k: v for k, v in row.items() if k not in used})
-        metadata.update(extra_meta)
-        source = source or self.source
-        rid = _text(row.get(m.id), p, line, m.id, required=False) if m.id else ""
-        if rid:
-            if rid in self.seen_ids:
-                raise DataError(p, line, m.id, f"duplicate id {rid!r}")
-        else:
-            rid = content_id(source, instruction, input_, output)
-            n = self.seen_ids.get(rid, 0)
-            if n:  # exact duplicate content: keep it, with a deterministic suffix
-                self.seen_ids[rid] = n + 1
-                rid = f"{rid}-{n}"
-        self.seen_ids[rid] = self.seen_ids.get(rid, 0) + 1
-        try:
-            return Example(
-                id=rid,
-                instruction=instruction,
-                input=input_,
-                output=output,
-                references=tuple(refs),
-                options=options,
-                history=history,
-                task=task or self.task,
-                source=source,
-                metadata=metadata,
-            )
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or None
-            raise DataError(p, line, loc, err["msg"]) from None
-
+from specialize.data.benchmarks import BENCHMARK_READERS
+from specialize.data.rows import (
+    FieldMap,
+    Located,
+    _Builder,
+    _parse_json,
+    _read_text,
+    _rows_csv,
+    _rows_hf,
+    _rows_json_array,
+    _rows_parquet,
+    _text,
+    iter_jsonl,
+    read_bytes,
+)
+from specialize.records import DataError, Example, LoadResult
 
 # ---------------------------------------------------------------------------------------------
 # Dataset families with their own shapes
@@ -343,6 +53,17 @@ def _superni_name(path: Path) -> str:
     for suffix in (".gz", ".json"):
         name = name.removesuffix(suffix)
     return name
+
+
+def superni_task_files(root: str | Path) -> dict[str, Path]:
+    """Task name -> file of a directory of SuperNI task files (`taskNNN_*.json` or `.json.gz`), by name. The one
+    selector that training mixes and evaluation share: when a task has both files, the uncompressed `.json`
+    is the one read (it is the copy a user edits), by both."""
+    root = Path(root)
+    files: dict[str, Path] = {}
+    for f in sorted(root.glob("*.json.gz")) + sorted(root.glob("*.json")):  # .json last: it wins
+        files[_superni_name(f)] = f
+    return dict(sorted(files.items()))
 
 
 def read_superni_task(path: str | Path, *, skip_invalid: bool = False) -> SuperNITask:
@@ -412,9 +133,9 @@ def _superni_from_dict(path: Path, data: Any, skip_invalid: bool) -> SuperNITask
     )
 
 
-def _self_instruct(path: Path, rows: Iterator[Located], builder: _Builder) -> None:
+def _self_instruct(path: Path, builder: _Builder) -> None:
     """seed_tasks.jsonl: one task per line with 1+ instances -> one Example per instance."""
-    for line, row in rows:
+    for line, row in iter_jsonl(path, builder.reject):
         instances = row.get("instances")
         if not isinstance(instances, list) or not instances:
             builder.reject(DataError(path, line, "instances", "missing or empty"))
@@ -435,8 +156,9 @@ def _self_instruct(path: Path, rows: Iterator[Located], builder: _Builder) -> No
             builder.add(line, sub, extra_meta=meta)
 
 
-def _box(path: Path, data: Any, builder: _Builder) -> None:
+def _box(path: Path, builder: _Builder) -> None:
     """BoX_instructions.json: {task: {"Definition:", "Examples": [...], "Prompt"}} -> one Example per demo."""
+    data, _ = _parse_json(path, _read_text(path))
     if not isinstance(data, dict):
         raise DataError(path, None, None, "expected an object of tasks")
     for task, spec in data.items():
@@ -462,7 +184,47 @@ def _box(path: Path, data: Any, builder: _Builder) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry point
+# The registry
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    split: str = "train"  # of a saved `datasets.DatasetDict`
+    delimiter: str | None = None  # CSV/TSV
+
+
+Reader = Callable[[Path, _Builder, ReadOptions], None]
+
+
+def _json_rows(path: Path, builder: _Builder, _: ReadOptions) -> None:
+    data, lines = _parse_json(path, _read_text(path))
+    builder.add_rows(_rows_json_array(path, data, lines))
+
+
+def _benchmark(rows: Callable[[Path], Iterator[Located]]) -> Reader:
+    return lambda path, builder, _: builder.add_rows(rows(path))
+
+
+READERS: dict[str, Reader] = {
+    # generic containers, with a field mapping
+    "jsonl": lambda p, b, _: b.add_rows(iter_jsonl(p, b.reject)),
+    "json": _json_rows,
+    "csv": lambda p, b, o: b.add_rows(_rows_csv(p, delimiter=o.delimiter, on_error=b.reject)),
+    "parquet": lambda p, b, _: b.add_rows(_rows_parquet(p)),
+    "hf-disk": lambda p, b, o: b.add_rows(_rows_hf(_load_hf_disk(p, o.split))),
+    # dataset families
+    "alpaca": _json_rows,
+    "lima": _json_rows,  # multi-turn `history` kept as Example.history
+    "dolly": _json_rows,
+    "self-instruct": lambda p, b, _: _self_instruct(p, b),
+    "box": lambda p, b, _: _box(p, b),
+    "superni": lambda p, b, _: b.extend(read_superni_task(p, skip_invalid=b.skip_invalid).instances),
+    # evaluation benchmarks (data/benchmarks.py)
+    **{name: _benchmark(rows) for name, rows in BENCHMARK_READERS.items()},
+}
+DEFAULT_MAPS = {"dolly": FieldMap(input="context", output="response", task="category")}
+HUB = "hf-hub"  # not a file: `path` is the dataset's hub name
+FORMATS = (*READERS, HUB)
 
 
 def _base_suffix(path: Path) -> str:
@@ -499,10 +261,13 @@ def detect_format(path: str | Path) -> str:
         raise DataError(path, None, None, "directory is not a saved Hugging Face dataset")
     ext = _base_suffix(path)
     if ext == ".jsonl":
-        with gzip.open(path) if path.suffix == ".gz" else path.open("rb") as f:
-            first = next((ln for ln in f if ln.strip()), b"").decode("utf-8", errors="replace")
+        if path.suffix == ".gz":
+            first = next((ln for ln in read_bytes(path).splitlines() if ln.strip()), b"")
+        else:
+            with path.open("rb") as f:
+                first = next((ln for ln in f if ln.strip()), b"")
         try:
-            row = json.loads(first) if first else {}
+            row = json.loads(first.decode("utf-8-sig", errors="replace")) if first else {}
         except json.JSONDecodeError:
             return "jsonl"
         return "self-instruct" if isinstance(row, dict) and "instances" in row else "jsonl"
@@ -529,73 +294,39 @@ def read_records(
     mapping: FieldMap | dict[str, Any] | None = None,
     source: str | None = None,
     task: str | None = None,
+    instruction: str | None = None,
     skip_invalid: bool = False,
     limit: int | None = None,
     split: str = "train",
 ) -> LoadResult:
     """Read any supported source into Examples.
 
-    fmt: one of FORMATS, or None to detect. For `hf-hub`, `path` is the dataset name.
+    fmt: one of FORMATS, or None to detect. For `hf-hub`, `path` is the dataset name. `instruction`: one
+    instruction for every record (the mapping then needs no instruction column).
     LIMA's multi-turn `history` is kept as `Example.history`: the prompt renderer shows earlier turns
     before the final instruction and only the final response is trained on.
     """
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt == "hf-hub":
+    if fmt == HUB:
         return _read_hf_hub(str(path), mapping, source, task, skip_invalid, limit, split)
     path = Path(path)
     if not source_exists(path, fmt):
         raise DataError(path, None, None, "no such file or directory")
     fmt = fmt or detect_format(path)
     fmap = mapping if isinstance(mapping, FieldMap) else FieldMap(**(mapping or {}))
-    if fmt == "dolly" and mapping is None:
-        fmap = DOLLY_MAP
-    name = source or _superni_name(path).removesuffix(".jsonl").removesuffix(".csv").removesuffix(".parquet")
-
-    if fmt == "superni":
-        st = read_superni_task(path, skip_invalid=skip_invalid)
-        res = st.instances
-        res.records = res.records[:limit] if limit is not None else res.records
-        return res
-
-    builder = _Builder(path, fmap, source=name, task=task or "", skip_invalid=skip_invalid)
-    from specialize.data.benchmarks import BENCHMARK_FORMATS, read_benchmark
-
-    if fmt in BENCHMARK_FORMATS:
-        builder.source = source or fmt
-        read_benchmark(path, fmt, builder)
-        return _limited(builder.result, limit)
-    rows: Iterator[Located]
-    if fmt in ("jsonl", "self-instruct"):
-        rows = iter_jsonl(path)
-        if fmt == "self-instruct":
-            _self_instruct(path, rows, builder)
-            return _limited(builder.result, limit)
-    elif fmt in ("json", "alpaca", "lima", "dolly", "box"):
-        data, lines = _parse_json(path, _read_text(path))
-        if fmt == "box":
-            _box(path, data, builder)
-            return _limited(builder.result, limit)
-        rows = _rows_json_array(path, data, lines)
-    elif fmt == "csv":
-        rows = _rows_csv(path)
-    elif fmt == "parquet":
-        rows = _rows_parquet(path)
-    elif fmt == "hf-disk":
-        rows = _rows_hf(_load_hf_disk(path, split))
-    else:  # pragma: no cover - FORMATS is checked above
-        raise AssertionError(fmt)
-    for line, row in rows:
-        builder.add(line, row)
-        if limit is not None and len(builder.result.records) >= limit:
-            break
-    return builder.result
-
-
-def _limited(result: LoadResult, limit: int | None) -> LoadResult:
+    if mapping is None:
+        fmap = DEFAULT_MAPS.get(fmt, fmap)
+    if fmt in BENCHMARK_READERS:
+        name = source or fmt
+    else:
+        name = source or _superni_name(path).removesuffix(".jsonl").removesuffix(".csv").removesuffix(".parquet")
+    builder = _Builder(path, fmap, source=name, task=task or "", skip_invalid=skip_invalid,
+                       instruction=instruction, limit=limit)  # fmt: skip
+    READERS[fmt](path, builder, ReadOptions(split=split, delimiter=fmap.delimiter))
     if limit is not None:
-        result.records = result.records[:limit]
-    return result
+        builder.result.records = builder.result.records[:limit]
+    return builder.result
 
 
 def _load_hf_disk(path: Path, split: str) -> Any:
@@ -630,9 +361,7 @@ def _read_hf_hub(
             "offline, save the dataset with `datasets` and pass its directory (fmt='hf-disk')",
         ) from None  # fmt: skip
     fmap = mapping if isinstance(mapping, FieldMap) else FieldMap(**(mapping or {}))
-    builder = _Builder(Path(name), fmap, source=source or name, task=task or "", skip_invalid=skip_invalid)
-    for line, row in _rows_hf(ds):
-        builder.add(line, row)
-        if limit is not None and len(builder.result.records) >= limit:
-            break
+    builder = _Builder(Path(name), fmap, source=source or name, task=task or "", skip_invalid=skip_invalid,
+                       limit=limit)  # fmt: skip
+    builder.add_rows(_rows_hf(ds))
     return builder.result

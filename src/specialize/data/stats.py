@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from specialize.data.records import Example
 from specialize.prompts import PromptTemplate, encode_prompt, encode_response, render_prompt
+from specialize.records import Example, LoadResult
 
 PERCENTILES = (50, 90, 99, 100)
 
@@ -42,3 +42,32 @@ def dataset_stats(records: Sequence[Example], tokenizer: Any, template: PromptTe
             "total": _percentiles([a + b for a, b in zip(prompt_lens, response_lens, strict=True)]),
         },
     }
+
+
+def print_stats(
+    path: str, stats: dict[str, Any], result: LoadResult, template: PromptTemplate, title: str, show: int
+) -> None:
+    """`specialize data inspect`'s console view: counts, token percentiles, a few rendered prompts, skips."""
+    from rich.console import Console
+    from rich.panel import Panel
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{path}[/bold]: {stats['records']} records, {stats['tasks']} tasks")
+    for key in ("with_input", "with_options", "with_history", "multi_reference"):
+        console.print(f"  {key.replace('_', ' ')}: {stats[key]}")
+    console.print(f"  sources: {stats['sources']}")
+    if stats["metadata_fields"]:
+        console.print(f"  metadata fields: {stats['metadata_fields']}")
+    table = Table(title=f"tokens ({title})")
+    table.add_column("part")
+    cols = list(stats["tokens"]["prompt"])
+    for c in cols:
+        table.add_column(c, justify="right")
+    for part, pct in stats["tokens"].items():
+        table.add_row(part, *(str(pct[c]) for c in cols))
+    console.print(table)
+    for ex in result.records[:show]:
+        console.print(Panel(render_prompt(ex, template) + ex.output, title=ex.id, expand=False), markup=False)
+    if result.skipped:
+        console.print(f"[yellow]{result.skip_summary()}[/yellow]")

@@ -6,8 +6,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from specialize.data.records import Example
 from specialize.io import atomic_path
+from specialize.records import Example
 
 
 def write_jsonl(records: Iterable[Example], path: str | Path) -> int:

@@ -5,56 +5,63 @@
 Writes results/<run>/predictions.jsonl (one line per model/task/k/variant/example), summary.json (every
 score with its bootstrap 95% CI, k-shot worst/average/best, paraphrase spread, held-out vs train, paired
 comparisons of each adapter against the base) and manifest.json, then prints a table.
+
+Resumable: each finished (model, task, k, instruction) unit is appended to `predictions.partial.jsonl` as it
+is computed; a rerun of the same evaluation skips the units found there, and ends with the same files as an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import statistics
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from specialize import models
-from specialize.config import ConfigError, ModelConfig
+from specialize.config import BASE, ConfigError, ModelConfig, TemplateName
 from specialize.data import Example
 from specialize.eval.metrics import METRICS
 from specialize.eval.options import score_options
+from specialize.eval.results import Prediction
 from specialize.eval.stats import bootstrap_ci, paired_bootstrap
 from specialize.eval.tasks import LoadedTask, load_task_spec, load_tasks, read_split_file, with_demos, with_instruction
-from specialize.io import atomic_path, atomic_write_text
-from specialize.prompts import encode_prompt, get_template, render_prompt
+from specialize.hashing import file_sha256, fingerprint, lines_sha256, text_sha256
+from specialize.io import append_log, atomic_path, atomic_write_text, read_log
+from specialize.prompts import encode_prompt, render_prompt
 
 
-class EvalConfig(BaseModel):
+class EvalSettings(BaseModel):
+    """What to evaluate on and how: the part of an evaluation an experiment declares once for all its runs."""
+
     model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str | dict[str, Any]] = Field(min_length=1)
+    shots: list[NonNegativeInt] | None = Field(None, description="overrides every task's shots")
+    limit: int | None = Field(None, ge=1, description="overrides every task's limit")
+    split_file: str | None = None
+    batch_size: int = Field(8, ge=1)
+    bootstrap_resamples: int = Field(1000, ge=100)
+
+
+class EvalConfig(EvalSettings):
+    """An evaluation run: settings + which model and adapters, where the results go."""
 
     model: ModelConfig = ModelConfig()
     adapters: dict[str, str] = Field(default_factory=dict, description="name -> PEFT adapter directory")
     include_base: bool = True
-    tasks: list[str | dict[str, Any]] = Field(min_length=1)
     data_root: str = "../shared/data"
-    shots: list[int] | None = Field(None, description="overrides every task's shots")
-    limit: int | None = Field(None, ge=1, description="overrides every task's limit")
-    template: Literal["alpaca", "chat"] = "alpaca"
-    split_file: str | None = None
+    template: TemplateName | None = Field(
+        None, description="None: each checkpoint's own (stored by training), Alpaca for a plain base model"
+    )
     output_dir: str = "results/eval"
-    batch_size: int = Field(8, ge=1)
     seed: int = 0
-    bootstrap_resamples: int = Field(1000, ge=100)
-
-
-def _prompt_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _file_hash(path: Path) -> str:
-    return models.file_sha256(path)[:16] if path.is_file() else ""
 
 
 def _variants(task: LoadedTask) -> list[tuple[str, str | None]]:
@@ -74,8 +81,10 @@ def _units(
 def prepare(cfg: EvalConfig) -> tuple[list[LoadedTask], dict[str, str]]:
     """Load and check every task and adapter before any model work."""
     for name, path in cfg.adapters.items():
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ConfigError(f"adapter {name!r}: {path} has no adapter_config.json")
+        try:
+            models.check_adapter(name, path)
+        except models.ModelLoadError as e:
+            raise ConfigError(str(e)) from None
     if not cfg.include_base and not cfg.adapters:
         raise ConfigError("nothing to evaluate: include_base is false and no adapters are given")
     overrides = {"limit": cfg.limit} if cfg.limit is not None else None
@@ -84,19 +93,24 @@ def prepare(cfg: EvalConfig) -> tuple[list[LoadedTask], dict[str, str]]:
     if len(set(names)) != len(names):
         raise ConfigError(f"task names must be unique, got {names}")
     for task, k, _, _ in _units(tasks, cfg.shots):
-        if k and len(task.demos) <= k:
-            raise ConfigError(f"task {task.name}: {len(task.demos)} demonstrations cannot give k={k}")
+        if k and (short := [e for e in task.examples if task.max_shots(e) < k]):
+            raise ConfigError(
+                f"task {task.name}: {task.max_shots(short[0])} demonstrations cannot give k={k} "
+                f"(test example {short[0].id}; {len(short)} example(s) short)"
+            )
     splits = read_split_file(cfg.split_file) if cfg.split_file else {}
     return tasks, splits
 
 
-def _predict(model, tokenizer, template, task: LoadedTask, examples: list[Example], batch_size: int):
-    """Predictions and per-option scores for prepared examples (demos and instruction already applied)."""
+def _predict(rt: models.Runtime, name: str, task: LoadedTask, examples: list[Example], batch_size: int):
+    """Predictions and per-option scores of model `name` (the base or an adapter) for prepared examples (demos
+    and instruction already applied), in that model's own template."""
+    template, tokenizer = rt.prompt_template(name), rt.tokenizer
     prompts = [render_prompt(e, template) for e in examples]
     if task.spec.protocol == "options":
         options = [list(task.options or e.options or ()) for e in examples]
         ids = [encode_prompt(p, template, tokenizer) for p in prompts]
-        scored = score_options(model, tokenizer, ids, options, batch_size=batch_size)
+        scored = score_options(rt.model, tokenizer, ids, options, batch_size=batch_size, precision=rt.precision)
         preds = []
         for s in scored:
             best_sum = max(s, key=lambda o: o.logprob)
@@ -112,7 +126,7 @@ def _predict(model, tokenizer, template, task: LoadedTask, examples: list[Exampl
     from specialize.generation import SamplingParams, generate
 
     params = SamplingParams(max_new_tokens=task.spec.max_new_tokens, stop=tuple(task.spec.stop))
-    outs = generate(model, tokenizer, prompts, template, params, batch_size=batch_size)
+    outs = generate(rt.model, tokenizer, prompts, template, params, batch_size=batch_size, precision=rt.precision)
     return prompts, [{"prediction": o.text.strip(), "finish_reason": o.finish_reason} for o in outs]
 
 
@@ -145,9 +159,7 @@ def paraphrase_problem(text: str, instruction: str, accepted: list[str]) -> str 
     return None
 
 
-def generate_paraphrases(
-    model: Any, tokenizer: Any, template: Any, task: LoadedTask, seed: int
-) -> tuple[list[str], dict[str, int]]:
+def generate_paraphrases(rt: models.Runtime, task: LoadedTask, seed: int) -> tuple[list[str], dict[str, int]]:
     """N paraphrases of a task's (single) instruction, sampled from the model with the generation backend, and
     the count of rejected samples by reason."""
     from specialize.generation import SamplingParams, generate
@@ -158,12 +170,13 @@ def generate_paraphrases(
             f"task {task.name}: generate_paraphrases needs one shared instruction, found {len(instructions)}"
         )
     [instruction] = instructions
+    template = rt.prompt_template()
     prompt = template.render(PARAPHRASE_PROMPT.format(instruction=instruction))
     out: list[str] = []
     rejected: Counter[str] = Counter()
     for i in range(task.spec.generate_paraphrases * 5):  # resample unusable rewrites, within a bound
         params = SamplingParams(max_new_tokens=128, temperature=0.8, top_p=0.95, seed=seed + i, stop=("\n\n",))
-        [c] = generate(model, tokenizer, [prompt], template, params)
+        [c] = generate(rt.model, rt.tokenizer, [prompt], template, params, precision=rt.precision)
         text = c.text.strip()
         problem = paraphrase_problem(text, instruction, out) if c.finish_reason != "length" else "cut off"
         if problem:
@@ -178,89 +191,127 @@ def generate_paraphrases(
     )
 
 
-def _model_variants(cfg: EvalConfig, base: Any) -> Iterator[tuple[str, Any]]:
-    if cfg.include_base:
-        yield "base", base
-    if not cfg.adapters:
-        return
-    from peft import PeftModel
+def _model_names(cfg: EvalConfig) -> list[str]:
+    return ([BASE] if cfg.include_base else []) + list(cfg.adapters)
 
-    names = list(cfg.adapters)
-    model = PeftModel.from_pretrained(base, cfg.adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(cfg.adapters[name], adapter_name=name)
-    for name in names:
-        model.set_adapter(name)
-        yield name, model
+
+@contextlib.contextmanager
+def _as_model(rt: models.Runtime, name: str) -> Iterator[None]:
+    """`rt.model` acts as the base model or as one adapter inside the block."""
+    if not rt.adapter_templates:
+        yield
+    elif name == BASE:
+        with rt.model.disable_adapter():
+            yield
+    else:
+        rt.model.set_adapter(name)
+        yield
+
+
+def _fingerprint(cfg: EvalConfig) -> str:
+    """What determines the predictions: settings, model identity and adapter weights (not where they go)."""
+    return fingerprint({
+        "config": cfg.model_dump(mode="json", exclude={"output_dir"}),
+        "model": models.model_identity(cfg.model.spec),
+        "adapters": {n: file_sha256(Path(p) / models.ADAPTER_WEIGHTS) for n, p in cfg.adapters.items()},
+    })  # fmt: skip
+
+
+PARTIAL = "predictions.partial.jsonl"
+
+
+def _resume(path: Path, fp: str) -> dict[tuple, list[Prediction]]:
+    """Finished units of an interrupted run of the same evaluation: (model, task, k, variant) -> rows. A unit
+    counts once its end marker is on disk; a log of another evaluation is discarded."""
+    log = read_log(path)
+    if not log or log[0].get("fingerprint") != fp:
+        if log:
+            print(f"{path}: from a different evaluation; starting over")
+        path.unlink(missing_ok=True)
+        append_log(path, {"fingerprint": fp})
+        return {}
+    rows: dict[tuple, list[Prediction]] = defaultdict(list)
+    done: dict[tuple, list[Prediction]] = {}
+    for rec in log[1:]:
+        if "unit_done" in rec:
+            key = tuple(rec["unit_done"])
+            done[key] = rows.pop(key, [])
+        else:
+            p = Prediction.model_validate(rec)
+            rows[p.unit].append(p)
+    return done
 
 
 def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     tasks, splits = prepare(cfg)
-    m = cfg.model
-    base, tokenizer = models.load_model(
-        m.spec,
-        dtype=m.dtype,
-        device=m.device,
-        threads=m.threads,
-        trust_remote_code=m.trust_remote_code,
-        revision=m.revision,
-    )
-    template = get_template(cfg.template, tokenizer)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    finished = _resume(out / PARTIAL, _fingerprint(cfg))
+    rt = models.load_runtime(cfg.model, template=cfg.template)
     generated: dict[str, list[str]] = {}
     rejected: dict[str, dict[str, int]] = {}
-    for task in tasks:  # written once by the base model, then shared by every evaluated model
+    # paraphrases are written once by the base model and shared by every evaluated model; they are seeded, so
+    # a resumed run writes the same ones
+    for task in tasks:
         if task.spec.generate_paraphrases:
-            generated[task.name], rejected[task.name] = generate_paraphrases(base, tokenizer, template, task, cfg.seed)
+            generated[task.name], rejected[task.name] = generate_paraphrases(rt, task, cfg.seed)
             task.spec = task.spec.model_copy(update={"paraphrases": task.spec.paraphrases + generated[task.name]})
+    if cfg.adapters:
+        rt.attach(cfg.adapters, cfg.template)
     units = list(_units(tasks, cfg.shots))
-    n_models = int(cfg.include_base) + len(cfg.adapters)
-    rows: list[dict[str, Any]] = []
-    from rich.progress import Progress
+    names = _model_names(cfg)
+    rows: list[Prediction] = []
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(disable=not progress) as bar:
-        job = bar.add_task("evaluating", total=n_models * len(units))
-        for model_name, model in _model_variants(cfg, base):
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        todo = sum((n, t.name, k, v) not in finished for n in names for t, k, v, _ in units)
+        job = bar.add_task("evaluating", total=todo)
+        for model_name in names:
             for task, k, variant, instruction in units:
+                key = (model_name, task.name, k, variant)
+                if key in finished:
+                    rows += finished[key]
+                    continue
                 bar.update(job, description=f"{model_name} / {task.name} / k={k} / {variant}")
-                examples = [
-                    with_demos(with_instruction(e, instruction), task.demos, k, cfg.seed) for e in task.examples
-                ]
-                prompts, preds = _predict(model, tokenizer, template, task, examples, cfg.batch_size)
-                for ex, prompt, pred in zip(examples, prompts, preds, strict=True):
-                    rows.append(
-                        {
-                            "model": model_name,
-                            "task": task.name,
-                            "k": k,
-                            "variant": variant,
-                            "id": ex.id,
-                            "prompt_hash": _prompt_hash(prompt),
-                            **pred,
-                            "references": list(ex.references),
-                            "scores": _score(task, ex, pred),
-                            "demo_ids": ex.metadata.get("demo_ids", []),
-                        }
-                    )
+                examples = [with_demos(with_instruction(e, instruction), task.demos, k, cfg.seed, task.fallback_demos)
+                            for e in task.examples]  # fmt: skip
+                with _as_model(rt, model_name):
+                    prompts, preds = _predict(rt, model_name, task, examples, cfg.batch_size)
+                unit = [_row(model_name, task, k, variant, ex, prompt, pred)
+                        for ex, prompt, pred in zip(examples, prompts, preds, strict=True)]  # fmt: skip
+                append_log(out / PARTIAL, *(p.model_dump(exclude_none=True) for p in unit), {"unit_done": list(key)})
+                rows += unit
                 bar.advance(job)
     summary = summarize(rows, tasks, splits, cfg)
     summary["instructions"] = {t.name: t.spec.paraphrases for t in tasks if t.spec.paraphrases}
     summary["generated_paraphrases"] = generated
     summary["paraphrases_rejected"] = rejected
+    summary["templates"] = {n: rt.template_for(n) for n in names}
     summary["seconds"] = time.perf_counter() - start  # the cost of this evaluation, kept with its cached results
-    out = Path(cfg.output_dir)
     with atomic_path(out / "predictions.jsonl") as tmp, tmp.open("w") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(r.line() + "\n")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    atomic_write_text(out / "manifest.json", json.dumps(manifest(cfg, tokenizer, tasks), indent=1))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest(cfg, rt, tasks), indent=1))
+    (out / PARTIAL).unlink()
     return summary
 
 
-def summarize(rows: list[dict[str, Any]], tasks: list[LoadedTask], splits: dict[str, str], cfg: EvalConfig) -> dict:
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+def _row(
+    model: str, task: LoadedTask, k: int, variant: str, ex: Example, prompt: str, pred: dict[str, Any]
+) -> Prediction:
+    return Prediction(model=model, task=task.name, k=k, variant=variant, id=ex.id,
+                      prompt_hash=text_sha256(prompt, 16), **pred, references=list(ex.references),
+                      scores=_score(task, ex, pred), demo_ids=ex.metadata.get("demo_ids", []),
+                      fallback_demo_ids=ex.metadata.get("fallback_demo_ids"))  # fmt: skip
+
+
+def summarize(rows: list[Prediction], tasks: list[LoadedTask], splits: dict[str, str], cfg: EvalConfig) -> dict:
+    groups: dict[tuple, list[Prediction]] = defaultdict(list)
     for r in rows:
-        groups[(r["model"], r["task"], r["k"], r["variant"])].append(r)
+        groups[r.unit].append(r)
     scores = []
     for (model, task, k, variant), rs in groups.items():
         entry: dict[str, Any] = {
@@ -271,8 +322,8 @@ def summarize(rows: list[dict[str, Any]], tasks: list[LoadedTask], splits: dict[
             "n": len(rs),
             "split": splits.get(task, "train" if splits else "all"),
         }
-        for metric in rs[0]["scores"]:
-            est = bootstrap_ci([r["scores"][metric] for r in rs], resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+        for metric in rs[0].scores:
+            est = bootstrap_ci([r.scores[metric] for r in rs], resamples=cfg.bootstrap_resamples, seed=cfg.seed)
             entry[metric] = {"mean": est.mean, "ci95": [est.low, est.high]}
         scores.append(entry)
     majority = {t.name: _majority_baseline(t) for t in tasks if t.spec.protocol == "options"}
@@ -281,7 +332,7 @@ def summarize(rows: list[dict[str, Any]], tasks: list[LoadedTask], splits: dict[
             entry["majority_baseline"] = majority[entry["task"]]
             entry["above_majority"] = entry["accuracy"]["mean"] > majority[entry["task"]]
     summary: dict[str, Any] = {"scores": scores, "kshot": [], "paraphrase": [], "splits": [], "comparisons": []}
-    primary = {t.name: t.spec.metric_names[0] for t in tasks}
+    primary = {t.name: t.spec.primary_metric for t in tasks}
     by_mt: dict[tuple, list[dict]] = defaultdict(list)
     for s in scores:
         by_mt[(s["model"], s["task"])].append(s)
@@ -340,15 +391,15 @@ def _majority_baseline(task: LoadedTask) -> float:
     return 100.0 * max(counts.values()) / len(task.examples)
 
 
-def _paired(rows: list[dict], primary: dict[str, str], cfg: EvalConfig) -> list[dict]:
+def _paired(rows: list[Prediction], primary: dict[str, str], cfg: EvalConfig) -> list[dict]:
     keyed: dict[tuple, dict[str, float]] = defaultdict(dict)
     for r in rows:
-        keyed[(r["task"], r["k"], r["variant"], r["model"])][r["id"]] = r["scores"][primary[r["task"]]]
+        keyed[(r.task, r.k, r.variant, r.model)][r.id] = r.scores[primary[r.task]]
     out = []
     for (task, k, variant, model), sc in keyed.items():
-        if model == "base":
+        if model == BASE:
             continue
-        base = keyed[(task, k, variant, "base")]
+        base = keyed[(task, k, variant, BASE)]
         ids = sorted(sc)
         cmp = paired_bootstrap(
             [sc[i] for i in ids], [base[i] for i in ids], resamples=cfg.bootstrap_resamples, seed=cfg.seed
@@ -356,7 +407,7 @@ def _paired(rows: list[dict], primary: dict[str, str], cfg: EvalConfig) -> list[
         out.append(
             {
                 "model": model,
-                "vs": "base",
+                "vs": BASE,
                 "task": task,
                 "k": k,
                 "variant": variant,
@@ -369,7 +420,7 @@ def _paired(rows: list[dict], primary: dict[str, str], cfg: EvalConfig) -> list[
     return out
 
 
-def manifest(cfg: EvalConfig, tokenizer: Any, tasks: list[LoadedTask]) -> dict[str, Any]:
+def manifest(cfg: EvalConfig, rt: models.Runtime, tasks: list[LoadedTask]) -> dict[str, Any]:
     import peft
     import torch
     import transformers
@@ -379,10 +430,12 @@ def manifest(cfg: EvalConfig, tokenizer: Any, tasks: list[LoadedTask]) -> dict[s
     return {
         "model": models.describe(cfg.model.spec),
         "adapters": {
-            n: {"path": p, "sha256": _file_hash(Path(p) / "adapter_model.safetensors")} for n, p in cfg.adapters.items()
+            n: {"path": p, "sha256": file_sha256(Path(p) / models.ADAPTER_WEIGHTS)[:16], "template": rt.template_for(n)}
+            for n, p in cfg.adapters.items()
         },
-        "template": cfg.template,
-        "tokenizer": {"name": getattr(tokenizer, "name_or_path", ""), "vocab_size": len(tokenizer)},
+        "template": rt.template,
+        "precision": rt.precision.describe(),
+        "tokenizer": {"name": getattr(rt.tokenizer, "name_or_path", ""), "vocab_size": len(rt.tokenizer)},
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "config": cfg.model_dump(mode="json"),
@@ -395,7 +448,7 @@ def manifest(cfg: EvalConfig, tokenizer: Any, tasks: list[LoadedTask]) -> dict[s
         "data": {
             t.name: {
                 "n": len(t.examples),
-                "ids_sha256": hashlib.sha256("\n".join(e.id for e in t.examples).encode()).hexdigest(),
+                "ids_sha256": lines_sha256(e.id for e in t.examples),
                 **({"group_left_out": t.metadata["left_out"]} if "left_out" in t.metadata else {}),
             }
             for t in tasks
@@ -403,47 +456,68 @@ def manifest(cfg: EvalConfig, tokenizer: Any, tasks: list[LoadedTask]) -> dict[s
     }
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+# A rich table needs this many columns; on a narrower console (a log file, CI, an 80-column window) it would cut
+# task names and wrap every CI, so the summary prints one line per score instead.
+WIDE_TABLE = 140
 
-    table = Table(title="scores (mean [95% bootstrap CI])")
-    for col in ("model", "task", "k", "variant", "split", "n", "metric", "score", "majority"):
-        table.add_column(col)
+
+def _score_lines(summary: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, str, str]]:
+    """(score entry, metric, "mean [low, high]", majority note) for every score of the summary."""
     for s in summary["scores"]:
         for metric, val in s.items():
             if isinstance(val, dict) and "mean" in val:
-                score = f"{val['mean']:.2f} [{val['ci95'][0]:.2f}, {val['ci95'][1]:.2f}]"
                 majority = ""
                 if metric == "accuracy" and "majority_baseline" in s:
                     verdict = "above" if s["above_majority"] else "NOT above"
                     majority = f"{s['majority_baseline']:.2f} ({verdict})"
-                row = (s["model"], s["task"], str(s["k"]), s["variant"], s["split"], str(s["n"]), metric, score)
-                table.add_row(*row, majority)
-    console = Console(soft_wrap=True)  # result lines stay whole when piped
-    console.print(table)
+                yield s, metric, f"{val['mean']:.2f} [{val['ci95'][0]:.2f}, {val['ci95'][1]:.2f}]", majority
+
+
+def print_summary(summary: dict[str, Any], console: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+
+    def say(text: str) -> None:  # one whole line, however narrow the console (a log file, CI, 80 columns)
+        console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+    if console.is_terminal and console.width >= WIDE_TABLE:
+        table = Table(title="scores (mean [95% bootstrap CI])")
+        for col in ("model", "task", "k", "variant", "split", "n", "metric", "score", "majority"):
+            table.add_column(col)
+        for s, metric, score, majority in _score_lines(summary):
+            table.add_row(s["model"], s["task"], str(s["k"]), s["variant"], s["split"], str(s["n"]), metric, score,
+                          majority)  # fmt: skip
+        console.print(table)
+    else:
+        say("scores: model task k variant split n metric mean [95% bootstrap CI]")
+        for s, metric, score, majority in _score_lines(summary):
+            line = f"{s['model']} {s['task']} k={s['k']} {s['variant']} {s['split']} n={s['n']} {metric} {score}"
+            say(line + (f" majority {majority}" if majority else ""))
+
     for s in summary["scores"]:
         if "majority_baseline" in s:
             verdict = "above" if s["above_majority"] else "NOT above"
-            console.print(
+            say(
                 f"{s['model']} {s['task']} k={s['k']} {s['variant']}: accuracy {s['accuracy']['mean']:.2f} "
                 f"is {verdict} the majority-class baseline {s['majority_baseline']:.2f}"
             )
     for row in summary["kshot"]:
-        console.print(
+        say(
             f"{row['model']} {row['task']} {row['metric']} over k: worst {row['worst']:.2f}, "
             f"average {row['average']:.2f}, best {row['best']:.2f}"
         )
     for row in summary["paraphrase"]:
-        console.print(
+        say(
             f"{row['model']} {row['task']} k={row['k']} over {row['n_instructions']} instructions: "
             f"mean {row['mean']:.2f}, best {row['best']:.2f}, worst {row['worst']:.2f}, "
             f"spread {row['spread']:.2f}"
         )
     for row in summary["splits"]:
-        console.print(f"{row['model']} k={row['k']} {row['split']} tasks ({row['tasks']}): mean {row['mean']:.2f}")
+        say(f"{row['model']} k={row['k']} {row['split']} tasks ({row['tasks']}): mean {row['mean']:.2f}")
     for row in summary["comparisons"]:
-        console.print(
+        say(
             f"{row['model']} - base on {row['task']} (k={row['k']}, {row['variant']}): "
             f"{row['difference']:+.2f} [{row['ci95'][0]:+.2f}, {row['ci95'][1]:+.2f}], p={row['p_value']:.3f}"
         )

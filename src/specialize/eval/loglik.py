@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from specialize.data import Example
-from specialize.models import Precision, inference_mode, select_precision
+from specialize.models import Precision, inference_mode
 from specialize.prompts import PromptTemplate, encode_prompt, encode_response, render_prompt
 
 
@@ -36,7 +36,7 @@ def response_logliks(
 ) -> list[LogLik]:
     """log p(response | prompt) per example; `responses` defaults to each example's output (no EOS)."""
     device = next(model.parameters()).device
-    precision = precision or select_precision("auto", str(device))
+    precision = precision or Precision.of(model)
     responses = responses if responses is not None else [e.output for e in examples]
     pairs = []
     for ex, resp in zip(examples, responses, strict=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 
 _PUNCT = set(string.punctuation)
@@ -104,3 +104,16 @@ METRICS: dict[str, Callable[..., float]] = {
     "accuracy": accuracy,
     "entity_f1": entity_f1,
 }
+
+# The metric a task is compared on when it reports several, in order of preference: accuracy for option
+# ranking, ROUGE-L for SuperNI generation (Wang et al.), token F1 before exact match (Shi et al. and Kang et al.
+# report F1 for open answers). Used by `specialize eval`, the experiment runner and the report alike.
+PRIMARY_ORDER = ("accuracy", "rouge_l", "token_f1", "exact_match", "entity_f1", "accuracy_norm")
+
+
+def primary_metric(metrics: Iterable[str]) -> str:
+    """The primary metric among the ones a task reports."""
+    have = set(metrics)
+    if not have:
+        raise ValueError("a task with no metrics has no primary metric")
+    return next((m for m in PRIMARY_ORDER if m in have), min(have))

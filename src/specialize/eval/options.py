@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from specialize.generation.hf import left_pad
-from specialize.models import Precision, inference_mode, select_precision
+from specialize.models import Precision, inference_mode
 from specialize.prompts import encode_response
 
 # Rows (example x option) per forward pass: bounds memory when a task has hundreds of options, since the pass
@@ -55,7 +55,7 @@ def score_options(
     if len(prompts) != len(options):
         raise ValueError("one list of options per prompt")
     device = next(model.parameters()).device
-    precision = precision or select_precision("auto", str(device))
+    precision = precision or Precision.of(model)
     option_ids = [[encode_response(o, tokenizer) for o in opts] for opts in options]
     for opts, ids in zip(options, option_ids, strict=True):
         for o, t in zip(opts, ids, strict=True):

@@ -17,9 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from specialize.config import ConfigError, fill_placeholders
-from specialize.data import Example, FieldMap, read_records, read_superni_task
-from specialize.eval.metrics import METRICS
+from specialize.config import ConfigError, Protocol, fill_placeholders
+from specialize.data import Example, FieldMap, read_records, read_superni_task, superni_task_files
+from specialize.eval.metrics import METRICS, primary_metric
 
 
 class KeepIds(BaseModel):
@@ -53,7 +53,7 @@ class TaskSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     data: TaskData | None = None
     superni: SuperNISelect | None = None
-    protocol: Literal["generation", "options"] = "generation"
+    protocol: Protocol = "generation"
     metrics: list[str] | None = None
     options_from: Literal["example", "task"] | None = Field(
         None, description="example: each example's options; task: the task's distinct reference outputs"
@@ -81,6 +81,10 @@ class TaskSpec(BaseModel):
         if self.metrics:
             return self.metrics
         return ["accuracy"] if self.protocol == "options" else ["rouge_l", "exact_match"]
+
+    @property
+    def primary_metric(self) -> str:
+        return primary_metric([*self.metric_names, *(["accuracy_norm"] if self.protocol == "options" else [])])
 
 
 def catalogue() -> dict[str, Path]:
@@ -130,16 +134,21 @@ class LoadedTask:
     demos: list[Example]  # pool for k-shot demonstrations
     options: list[str] | None = None  # task-level option set (options_from: task)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # drawn from only when `demos` cannot give k: a SuperNI task's instances that are not evaluated (its
+    # official positive examples are often just 2 or 3)
+    fallback_demos: list[Example] = field(default_factory=list)
+
+    def max_shots(self, example: Example) -> int:
+        return len(_demo_pool(self.demos, example)) + len(_demo_pool(self.fallback_demos, example))
 
 
 def _read(data: TaskData) -> list[Example]:
     mapping = FieldMap(**data.mapping) if data.mapping else None
-    result = read_records(data.path, data.format, mapping=mapping, split=data.split)
+    # a task-level instruction is given to every row while reading, so the mapping needs no instruction column
+    result = read_records(data.path, data.format, mapping=mapping, split=data.split, instruction=data.instruction)
     records = result.records
     if result.skipped:  # evaluation data is never silently thinned out
         raise ConfigError(f"{data.path}: {result.skip_summary()}")
-    if data.instruction:
-        records = [r.model_copy(update={"instruction": data.instruction}) for r in records]
     if data.keep_ids:
         keep = _id_set(Path(data.keep_ids.file))
         f = data.keep_ids.field
@@ -191,8 +200,7 @@ def _load_superni(spec: TaskSpec, seed: int) -> list[LoadedTask]:
     sel = spec.superni
     assert sel is not None
     root = Path(sel.path)
-    files = sorted(root.glob("*.json.gz")) + sorted(root.glob("*.json"))
-    by_name = {f.name.removesuffix(".gz").removesuffix(".json"): f for f in files}
+    by_name = superni_task_files(root)
     names = sel.tasks or sorted(by_name)
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -210,14 +218,17 @@ def _load_superni(spec: TaskSpec, seed: int) -> list[LoadedTask]:
                 raise ConfigError(f"task {name}: {len(options)} distinct output(s), nothing to rank by options")
             left_out.append(name)
             continue
+        chosen = _select(examples, per_task, seed)
+        evaluated = {e.id for e in chosen}
         loaded.append(
             LoadedTask(
                 name,
                 per_task,
-                _select(examples, per_task, seed),
+                chosen,
                 t.positive_examples,
                 options,
                 {"categories": t.categories, "group": spec.name},
+                fallback_demos=[e for e in examples if e.id not in evaluated],
             )
         )
     if not loaded:
@@ -233,15 +244,24 @@ def _load_superni(spec: TaskSpec, seed: int) -> list[LoadedTask]:
 # ---------------------------------------------------------------------------------------------- prompts
 
 
-def with_demos(example: Example, demos: list[Example], k: int, seed: int) -> Example:
-    """The example with k demonstrations prepended to its instruction; never the example itself."""
+def _demo_pool(demos: list[Example], example: Example) -> list[Example]:
+    return [d for d in demos if d.id != example.id and (d.input, d.output) != (example.input, example.output)]
+
+
+def with_demos(
+    example: Example, demos: list[Example], k: int, seed: int, fallback: list[Example] | None = None
+) -> Example:
+    """The example with k demonstrations prepended to its instruction; never the example itself. `demos` come
+    first; only when they cannot give k are the rest drawn from `fallback` (recorded as `fallback_demo_ids`)."""
     if k == 0:
         return example
-    pool = [d for d in demos if d.id != example.id and (d.input, d.output) != (example.input, example.output)]
-    if len(pool) < k:
-        raise ConfigError(f"{example.task or example.source}: only {len(pool)} demonstrations for k={k}")
+    pool, extra = _demo_pool(demos, example), _demo_pool(fallback or [], example)
+    if len(pool) + len(extra) < k:
+        raise ConfigError(f"{example.task or example.source}: only {len(pool) + len(extra)} demonstrations for k={k}")
     rng = random.Random(f"{seed}:{example.id}:{k}")
-    shots = rng.sample(pool, k)
+    shots = rng.sample(pool, min(k, len(pool)))
+    borrowed = rng.sample(extra, k - len(shots)) if len(shots) < k else []
+    shots += borrowed
     blocks = [
         f"Example {i + 1}:\nInput: {d.input}\nOutput: {d.output}"
         if d.input
@@ -249,9 +269,10 @@ def with_demos(example: Example, demos: list[Example], k: int, seed: int) -> Exa
         for i, d in enumerate(shots)
     ]
     instruction = example.instruction + "\n\n" + "\n\n".join(blocks)
-    return example.model_copy(
-        update={"instruction": instruction, "metadata": {**example.metadata, "demo_ids": [d.id for d in shots]}}
-    )
+    meta = {**example.metadata, "demo_ids": [d.id for d in shots]}
+    if borrowed:
+        meta["fallback_demo_ids"] = [d.id for d in borrowed]
+    return example.model_copy(update={"instruction": instruction, "metadata": meta})
 
 
 def with_instruction(example: Example, instruction: str | None) -> Example:

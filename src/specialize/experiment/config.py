@@ -4,31 +4,17 @@ self-specialization round. Lists are grid axes: generalist source x specialist a
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from specialize.config import ModelConfig
-from specialize.train.config import LoraSettings
+from specialize.config import Method, ModelConfig, TemplateName
+from specialize.eval.harness import EvalSettings
+from specialize.train.config import LoraSettings, StageSettings
 from specialize.train.mixing import SourceSpec
-
-
-class StageSettings(BaseModel):
-    """Training settings of one stage (the data comes from the grid point)."""
-
-    model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(128, ge=1)
-    micro_batch_size: int = Field(8, ge=1)
-    lr: float = Field(2e-5, gt=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_length: int = Field(1024, ge=8)
 
 
 class Generalist(BaseModel):
@@ -39,16 +25,6 @@ class Generalist(BaseModel):
     sources: list[SourceSpec] = Field(min_length=1)
 
 
-class EvalSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    tasks: list[str | dict[str, Any]] = Field(min_length=1)
-    shots: list[int] | None = None
-    limit: int | None = Field(None, ge=1)
-    split_file: str | None = None
-    batch_size: int = Field(8, ge=1)
-    bootstrap_resamples: int = Field(1000, ge=100)
-
-
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -56,9 +32,9 @@ class ExperimentConfig(BaseModel):
     description: str = ""
     scale_note: str = Field("", description="how this preset is scaled down from the paper, stated honestly")
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()], min_length=1)
-    method: Literal["full", "lora", "qlora"] = "lora"
+    method: Method = "lora"
     lora: LoraSettings = LoraSettings()
-    template: Literal["alpaca", "chat"] = "alpaca"
+    template: TemplateName = "alpaca"
     data_root: str = "../shared/data"
     # grid axes
     generalists: list[Generalist | None] = Field(default_factory=lambda: [None], min_length=1,
@@ -126,10 +102,6 @@ def expand(cfg: ExperimentConfig) -> list[RunSpec]:
             raise ValueError("amounts > 0 need `specialist` sources")
         runs.append(RunSpec(m, gen, amount, seed))
     return runs
-
-
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None, **placeholders: str) -> ExperimentConfig:

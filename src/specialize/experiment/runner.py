@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from specialize import models
-from specialize.experiment.config import ExperimentConfig, RunSpec, expand, fingerprint
-from specialize.train.config import StageConfig, TrainConfig
+from specialize.config import BASE
+from specialize.experiment.config import ExperimentConfig, RunSpec, expand
+from specialize.hashing import fingerprint, weights_sha256
+from specialize.train.config import StageConfig, TrainConfig, self_specialization_config
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -35,7 +37,8 @@ CREATE TABLE IF NOT EXISTS scores (
     ci_high REAL, n INTEGER, PRIMARY KEY (run_id, task, k, variant, metric));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
-BASE_RUN = "base"
+BASE_RUN = BASE  # the run id of the base model's evaluation
+RUN = "run"  # the name an evaluated adapter takes inside its evaluation
 
 
 def evaluation_ids(cfg: ExperimentConfig) -> list[str]:
@@ -66,11 +69,6 @@ def train_config(cfg: ExperimentConfig, run: RunSpec, exclude: list[str] | None 
                        save_every=cfg.save_every, progress=True)  # fmt: skip
 
 
-def _weights_hash(path: Path) -> str:
-    files = sorted(path.glob("*.safetensors"))
-    return fingerprint([models.file_sha256(f) for f in files])
-
-
 class Store:
     """The experiment's results: one SQLite file, written in small transactions (a crash loses nothing done)."""
 
@@ -83,23 +81,40 @@ class Store:
         row = self.db.execute("SELECT eval_dir FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return row is not None and row[0] == eval_dir
 
+    def _insert(self, table: str, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        self.db.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({', '.join(':' + c for c in row)})", row)
+
     def record(self, run_id: str, info: dict[str, Any], summary: dict[str, Any]) -> None:
         with self.db:
             self.db.execute("DELETE FROM scores WHERE run_id = ?", (run_id,))
-            self.db.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
-                run_id, info["model"], info["generalist"], info["amount"], info["seed"], info["weights"],
-                info["eval_dir"], json.dumps(info["config"]), info["train_s"], info["eval_s"],
-                time.time()))  # fmt: skip
+            self._insert("runs", {
+                "run_id": run_id, "model": info["model"], "generalist": info["generalist"], "amount": info["amount"],
+                "seed": info["seed"], "weights": info["weights"], "eval_dir": info["eval_dir"],
+                "config": json.dumps(info["config"]), "train_s": info["train_s"], "eval_s": info["eval_s"],
+                "finished": time.time()})  # fmt: skip
             for s in summary["scores"]:
                 for metric, v in s.items():
                     if isinstance(v, dict) and "mean" in v:
-                        self.db.execute("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?,?,?,?)", (
-                            run_id, s["task"], s["k"], s["variant"], s["split"], metric, v["mean"], v["ci95"][0],
-                            v["ci95"][1], s["n"]))  # fmt: skip
+                        self._insert("scores", {
+                            "run_id": run_id, "task": s["task"], "k": s["k"], "variant": s["variant"],
+                            "split": s["split"], "metric": metric, "mean": v["mean"], "ci_low": v["ci95"][0],
+                            "ci_high": v["ci95"][1], "n": s["n"]})  # fmt: skip
+
+    def read(self) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+        """(runs by id, scores, meta), every row a dict keyed by its column names."""
+        self.db.row_factory = sqlite3.Row
+        try:
+            runs = {r["run_id"]: dict(r) for r in self.db.execute("SELECT * FROM runs")}
+            scores = [dict(r) for r in self.db.execute("SELECT * FROM scores")]
+            meta = {r["key"]: json.loads(r["value"]) for r in self.db.execute("SELECT key, value FROM meta")}
+        finally:
+            self.db.row_factory = None
+        return runs, scores, meta
 
     def set_meta(self, key: str, value: Any) -> None:
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+            self._insert("meta", {"key": key, "value": json.dumps(value)})
 
 
 def is_adapter(weights: str | Path | None) -> bool:
@@ -114,16 +129,15 @@ def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None):
     model = cfg.models[model_index]
     e = cfg.eval
     key = {"eval": e.model_dump(mode="json"), "template": cfg.template, "data_root": cfg.data_root,
-           "model": {k: v for k, v in models.describe(model.spec).items() if k != "location"},
-           "weights": _weights_hash(weights) if weights else None}  # fmt: skip
+           "model": models.model_identity(model.spec),
+           "weights": weights_sha256(weights) if weights else None}  # fmt: skip
     eval_dir = cfg.cache / "eval" / fingerprint(key)
     adapter = is_adapter(weights)
     if weights is not None and not adapter:  # full fine-tuning: the stage's weights are the model
         model = model.model_copy(update={"spec": str(weights)})
-    ec = EvalConfig(model=model, adapters={"run": str(weights)} if adapter else {}, include_base=not adapter,
-                    tasks=e.tasks, data_root=cfg.data_root, shots=e.shots, limit=e.limit, template=cfg.template,
-                    split_file=e.split_file, output_dir=str(eval_dir), batch_size=e.batch_size,
-                    bootstrap_resamples=e.bootstrap_resamples)  # fmt: skip
+    ec = EvalConfig(**e.model_dump(), model=model, adapters={RUN: str(weights)} if adapter else {},
+                    include_base=not adapter, data_root=cfg.data_root, template=cfg.template,
+                    output_dir=str(eval_dir))  # fmt: skip
     return ec, eval_dir
 
 
@@ -152,7 +166,7 @@ def _evaluate_into(store: Store, run_id: str, ec, eval_dir: Path, info: dict[str
     else:
         summary = evaluate(ec)
     eval_s = summary.get("seconds")  # None: cached by a version that did not record it
-    evaluated = "run" if ec.adapters else "base"  # full fine-tuning evaluates the tuned weights as the model
+    evaluated = RUN if ec.adapters else BASE  # full fine-tuning evaluates the tuned weights as the model
     scores = {"scores": [s for s in summary["scores"] if s["model"] == evaluated]}
     store.record(run_id, {**info, "eval_dir": str(eval_dir), "eval_s": eval_s}, scores)
 
@@ -209,13 +223,12 @@ SELF_SPEC = "self-spec"
 def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path) -> None:
     """Tune a LoRA specialist on the synthetic data (the paper's Table 1 'self-specialized' row) and evaluate it."""
     from specialize.data import read_records
-    from specialize.train.mixing import SourceSpec
 
     n = len(read_records(data).records)
-    stage = StageConfig(name="self-specialization", sources=[SourceSpec(name="synth", path=str(data))],
-                        **cfg.synth_stage.model_dump())  # fmt: skip
-    tc = TrainConfig(model=cfg.models[0], method=cfg.method, lora=cfg.lora, template=cfg.template, stages=[stage],
-                     seed=cfg.seeds[0], output_dir=str(cfg.cache / "train"), save_every=cfg.save_every)  # fmt: skip
+    tc = self_specialization_config(
+        data, model=cfg.models[0], output_dir=cfg.cache / "train", stage=cfg.synth_stage, method=cfg.method,
+        lora=cfg.lora, template=cfg.template, seed=cfg.seeds[0], save_every=cfg.save_every,
+    )  # fmt: skip
     weights, train_s = _train(tc)
     ec, eval_dir = eval_config(cfg, 0, weights)
     _evaluate_into(store, f"{SELF_SPEC}-it1", ec, eval_dir, {

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from specialize.generation.hf import SamplingParams, cut_at_stop, left_pad
-from specialize.models import Precision, inference_mode, select_precision
+from specialize.models import Precision, inference_mode
 
 
 def marginalize(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ def generate_mixture(
     if any(len(c) != k for c in contexts) or any(len(w) != k for w in weights):
         raise ValueError("every item needs the same number of contexts and weights")
     device = next(model.parameters()).device
-    precision = precision or select_precision("auto", str(device))
+    precision = precision or Precision.of(model)
     rows = [ctx for item in contexts for ctx in item]
     w = torch.tensor(weights, dtype=torch.float32)
     eos = tokenizer.eos_token_id

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from specialize.models import Precision, inference_mode, select_precision
+from specialize.models import Precision, inference_mode
 from specialize.prompts import PromptTemplate, encode_prompt
 
 
@@ -60,7 +60,7 @@ def generate(
     """Complete rendered prompts, in input order. Prompts are batched by length to waste little padding."""
     params = params or SamplingParams()
     device = str(next(model.parameters()).device)
-    precision = precision or select_precision("auto", device)
+    precision = precision or Precision.of(model)
     if params.seed is not None:
         torch.manual_seed(params.seed)
     encoded = [encode_prompt(p, template, tokenizer) for p in prompts]

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specialize.data import Turn
 from specialize.generation.hf import SamplingParams
-from specialize.prompts import ChatTemplate, PromptTemplate
+from specialize.prompts import ChatTemplate, PromptTemplate, get_template
 from specialize.serve.engine import CombinationType, Engine, EngineError, Event
 from specialize.serve.engine import Request as EngineRequest
 
@@ -97,7 +97,6 @@ def _error(status: int, message: str, code: str, param: str | None = None) -> JS
 
 def build_app(
     engine: Engine,
-    template: PromptTemplate,
     *,
     token: str | None = None,
     limits: Limits | None = None,
@@ -170,7 +169,11 @@ def build_app(
             raise APIError(400, "the prompt is empty", "invalid_request", "prompt")
         return ids
 
-    def chat_prompt(messages: list[ChatMessage]) -> str:
+    def template_of(model: str) -> PromptTemplate:
+        """The model's own template: the one its adapter was trained with (or the server's override)."""
+        return get_template(engine.template_of(model), engine.tokenizer)
+
+    def chat_prompt(messages: list[ChatMessage], template: PromptTemplate) -> str:
         system = [m.content for m in messages if m.role in ("system", "developer")]
         turns = [m for m in messages if m.role not in ("system", "developer")]
         if not turns or turns[-1].role != "user":
@@ -277,7 +280,8 @@ def build_app(
         authorize(request)
         req: ChatRequest = await body(request, ChatRequest)
         check_model(req.model)
-        ids = encode(chat_prompt(req.messages), special=template.add_special_tokens)
+        template = template_of(req.model)
+        ids = encode(chat_prompt(req.messages, template), special=template.add_special_tokens)
         max_tokens = req.max_completion_tokens or req.max_tokens
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:

@@ -25,11 +25,20 @@ from typing import Any, Literal
 
 import torch
 
+from specialize.config import BASE, TemplateName
 from specialize.generation.decoding import Contexts, choose
 from specialize.generation.hf import SamplingParams
-from specialize.models import Precision, file_sha256, inference_mode, select_precision
+from specialize.hashing import file_sha256
+from specialize.models import (
+    ADAPTER_WEIGHTS,
+    ModelLoadError,
+    Precision,
+    attach_adapters,
+    check_adapter,
+    inference_mode,
+    resolve_template,
+)
 
-BASE = "base"
 _PEFT_BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 CombinationType = Literal["cat", "linear", "svd"]
@@ -100,6 +109,8 @@ class Engine:
         max_pending: int = 256,
         policy: Literal["mixed", "per_adapter"] = "mixed",
         precision: Precision | None = None,
+        base_template: TemplateName = "alpaca",
+        template_override: TemplateName | None = None,
     ):
         self.model = model  # becomes a PeftModel when the first adapter is registered
         self.tokenizer = tokenizer
@@ -109,8 +120,11 @@ class Engine:
         self.max_pending = max_pending
         self.policy = policy
         self.device = next(model.parameters()).device
-        self.precision = precision or select_precision("auto", str(self.device))
-        self.adapters: dict[str, dict[str, Any]] = {}  # name -> {"path", "sha256"|"mix"}
+        self.precision = precision or Precision.of(model)
+        self.adapters: dict[str, dict[str, Any]] = {}  # name -> {"path", "sha256"|"mix", "template"}
+        # each model's prompt template: an adapter's is read from its directory unless the server overrides it
+        self.template_override = template_override
+        self.base_template: TemplateName = base_template
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self._pending: deque[Request] = deque()
@@ -140,6 +154,9 @@ class Engine:
     def model_names(self) -> list[str]:
         return [self.base_name, *self.adapters]
 
+    def template_of(self, name: str) -> TemplateName:
+        return self.base_template if name == self.base_name else self.adapters[name]["template"]
+
     def _check_new_name(self, name: str) -> None:
         # PEFT stores adapters as submodules: the name must be a plain identifier-like key that does not
         # shadow a torch.nn.Module attribute ("half", "eval", ...)
@@ -150,20 +167,17 @@ class Engine:
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         """Load a LoRA adapter directory (safetensors only) next to the others, without touching the base."""
-        from peft import PeftModel
-
         path = Path(path)
-        weights = path / "adapter_model.safetensors"
-        if not weights.is_file():
-            raise EngineError(f"{path}: no adapter_model.safetensors (only safetensors adapters are loaded)")
         self._check_new_name(name)
+        try:
+            check_adapter(name, path)
+            template = resolve_template(self.template_override, path, f"adapter {name!r} ({path})")
+        except ModelLoadError as err:
+            raise EngineError(str(err)) from err
         with self._model_lock:
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name, is_trainable=False)
-            self.model.eval()
-            self.adapters[name] = {"path": str(path), "sha256": file_sha256(weights)}
+            self.model = attach_adapters(self.model, {name: path})
+            self.adapters[name] = {"path": str(path), "sha256": file_sha256(path / ADAPTER_WEIGHTS),
+                                   "template": template}  # fmt: skip
 
     def remove_adapter(self, name: str) -> None:
         if name not in self.adapters:
@@ -182,12 +196,15 @@ class Engine:
             raise EngineError(f"unknown adapters {missing}", status=404, code="model_not_found")
         if len(sources) != len(weights) or not sources:
             raise EngineError("give one weight per source adapter")
+        if len({self.adapters[s]["template"] for s in sources}) > 1:
+            raise EngineError(f"cannot mix {sources}: they were trained with different prompt templates")
         with self._model_lock:
             try:
                 self.model.add_weighted_adapter(sources, weights, name, combination_type=combination_type)
             except ValueError as err:  # e.g. "linear" over adapters of different ranks
                 raise EngineError(f"cannot mix {sources}: {err}") from err
-            self.adapters[name] = {"mix": {"sources": sources, "weights": weights, "combination": combination_type}}
+            self.adapters[name] = {"mix": {"sources": sources, "weights": weights, "combination": combination_type},
+                                   "template": self.adapters[sources[0]]["template"]}  # fmt: skip
 
     # ------------------------------------------------------------------------------------- requests
 

@@ -15,10 +15,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from specialize import models
-from specialize.config import ConfigError, ModelConfig
-from specialize.prompts import get_template
+from specialize.config import BASE, ConfigError, ModelConfig, TemplateName
 from specialize.serve.api import Limits, build_app
-from specialize.serve.engine import BASE, Engine
+from specialize.serve.engine import Engine
 
 TOKEN_ENV = "SPECIALIZE_API_TOKEN"
 
@@ -29,7 +28,11 @@ class ServeConfig(BaseModel):
     model: ModelConfig = ModelConfig()
     base_name: str = BASE
     adapters: dict[str, str] = Field(default_factory=dict, description="name -> adapter directory")
-    template: Literal["alpaca", "chat"] = Field("alpaca", description="how chat messages become a prompt")
+    template: TemplateName | None = Field(
+        None,
+        description="how chat messages become a prompt; None: each adapter's own (stored by training), "
+        "Alpaca for a plain base model",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: str | None = Field(None, description=f"bearer token (default: ${TOKEN_ENV}); required off loopback")
@@ -57,11 +60,10 @@ def resolve_token(cfg: ServeConfig) -> str | None:
 
 
 def build_engine(cfg: ServeConfig) -> Engine:
-    m = cfg.model
-    model, tokenizer = models.load_model(m.spec, dtype=m.dtype, device=m.device, threads=m.threads,
-                                         trust_remote_code=m.trust_remote_code, revision=m.revision)  # fmt: skip
-    engine = Engine(model, tokenizer, base_name=cfg.base_name, max_batch_size=cfg.max_batch_size,
-                    batch_wait_ms=cfg.batch_wait_ms, max_pending=cfg.max_pending, policy=cfg.policy)  # fmt: skip
+    rt = models.load_runtime(cfg.model, template=cfg.template)
+    engine = Engine(rt.model, rt.tokenizer, base_name=cfg.base_name, max_batch_size=cfg.max_batch_size,
+                    batch_wait_ms=cfg.batch_wait_ms, max_pending=cfg.max_pending, policy=cfg.policy,
+                    precision=rt.precision, base_template=rt.template, template_override=cfg.template)  # fmt: skip
     for name, path in cfg.adapters.items():
         engine.add_adapter(name, path)
     return engine
@@ -71,8 +73,7 @@ def build(cfg: ServeConfig, engine: Engine | None = None) -> tuple[Any, Engine]:
     """The ASGI app and its started engine (the token check runs before any model is loaded)."""
     token = resolve_token(cfg)
     engine = engine or build_engine(cfg)
-    template = get_template(cfg.template, engine.tokenizer)
-    return build_app(engine.start(), template, token=token, limits=cfg.limits), engine
+    return build_app(engine.start(), token=token, limits=cfg.limits), engine
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -27,6 +27,10 @@ def _rouge_tokenizer():
     return tokenizers.DefaultTokenizer(use_stemmer=False)
 
 
+# the reasons heuristic_reject gives, in the order it checks them
+HEURISTICS = ("too_short", "too_long", "blacklisted_word", "program", "leading_punctuation", "non_english_start")
+
+
 def heuristic_reject(instruction: str, *, min_words: int = 3, max_words: int = 150) -> str | None:
     """Why self-instruct's heuristics reject an instruction, or None to keep it."""
     words = instruction.split()

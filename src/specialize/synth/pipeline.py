@@ -12,23 +12,22 @@ final `data.jsonl` equals an uninterrupted run's. The output directory is keyed 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from specialize import models
-from specialize.config import ConfigError, ModelConfig
+from specialize.config import ConfigError, ModelConfig, Retrieval
 from specialize.data import Example, read_records, write_jsonl
 from specialize.generation.decoding import generate_mixture, retrieval_weights
 from specialize.generation.hf import SamplingParams
-from specialize.io import atomic_write_text
+from specialize.hashing import file_sha256, fingerprint
+from specialize.io import append_log, atomic_write_text, read_log
 from specialize.prompts import encode_prompt
 from specialize.synth.filters import RougePool, heuristic_reject
 from specialize.synth.prompts import (
@@ -39,6 +38,8 @@ from specialize.synth.prompts import (
     instruction_prompt,
     parse_generated,
 )
+
+SPECIALIST = "specialist"  # the adapter's name when generating with a specialized model (iteration >= 2)
 
 
 class SynthConfig(BaseModel):
@@ -54,7 +55,7 @@ class SynthConfig(BaseModel):
     seeds_format: str | None = None
     seeds_per_task: int = Field(5, ge=1)
     corpus: str | None = None
-    retrieval: Literal["marginalize", "top1", "none"] = "marginalize"
+    retrieval: Retrieval = "marginalize"
     top_k: int = Field(5, ge=1)
     num: int = Field(200, ge=1, description="instructions to keep after filtering")
     demos_per_prompt: int = Field(3, ge=1)
@@ -77,35 +78,13 @@ class SynthConfig(BaseModel):
 
     def fingerprint(self) -> str:
         blob = self.model_dump(mode="json", exclude={"output_dir", "num", "max_batches"})
-        blob["model_info"] = {k: v for k, v in models.describe(self.model.spec).items() if k != "location"}
+        blob["model_info"] = models.model_identity(self.model.spec)
         if self.adapter:
-            blob["adapter_sha256"] = models.file_sha256(Path(self.adapter) / "adapter_model.safetensors")
+            blob["adapter_sha256"] = file_sha256(Path(self.adapter) / models.ADAPTER_WEIGHTS)
         for key in ("instruction_prompt_file", "response_prompt_file"):
             if blob[key]:
                 blob[key + "_text"] = Path(blob[key]).read_text()
-        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------- logs
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Complete lines of an append-only log; a trailing partial line (killed mid-write) is cut off."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    keep = raw[: raw.rfind(b"\n") + 1]
-    if len(keep) != len(raw):
-        with path.open("r+b") as f:
-            f.truncate(len(keep))
-    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
-
-
-def append_log(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+        return fingerprint(blob, length=None)
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -187,9 +166,7 @@ def _amateur(model: Any, cfg: SynthConfig):
     return model.disable_adapter
 
 
-def generate_instructions(
-    cfg: SynthConfig, model: Any, tokenizer: Any, seeds: list[Example], out: Path, progress
-) -> Pool:
+def generate_instructions(cfg: SynthConfig, rt: models.Runtime, seeds: list[Example], out: Path, progress) -> Pool:
     log = out / "instructions.log.jsonl"
     template_text = Path(cfg.instruction_prompt_file).read_text() if cfg.instruction_prompt_file else INSTRUCTION_PROMPT
     pool = Pool(cfg, seeds)
@@ -203,10 +180,11 @@ def generate_instructions(
             raise RuntimeError(f"{cfg.max_batches} batches gave only {len(pool.items)} of {cfg.num} instructions")
         demos, sampling_seed = _batch_plan(cfg, seeds, batch)
         prompts = [instruction_prompt(cfg.domain, d, cfg.list_size, template_text, cfg.demo_input_words) for d in demos]
-        ids = [[tokenizer(p)["input_ids"]] for p in prompts]  # raw text continuation: no chat/Alpaca wrapper
+        ids = [[rt.tokenizer(p)["input_ids"]] for p in prompts]  # raw text continuation: no chat/Alpaca wrapper
         params = cfg.instruction_sampling.model_copy(update={"seed": sampling_seed})
-        decoded = generate_mixture(model, tokenizer, ids, [[1.0]] * len(ids), params,
-                                   amateur=_amateur(model, cfg), alpha=cfg.alpha)  # fmt: skip
+        decoded = generate_mixture(rt.model, rt.tokenizer, ids, [[1.0]] * len(ids), params,
+                                   amateur=_amateur(rt.model, cfg), alpha=cfg.alpha,
+                                   precision=rt.precision)  # fmt: skip
         record = {
             "batch": batch, "sampling_seed": sampling_seed, "time": time.time(),
             "outputs": [{"demo_ids": [x.id for x in d], "text": o.text,
@@ -219,9 +197,7 @@ def generate_instructions(
     return pool
 
 
-def generate_responses(
-    cfg: SynthConfig, model: Any, tokenizer: Any, pool: Pool, out: Path, progress
-) -> dict[str, dict]:
+def generate_responses(cfg: SynthConfig, rt: models.Runtime, pool: Pool, out: Path, progress) -> dict[str, dict]:
     from specialize.synth.retrieval import Retriever
 
     log = out / "responses.log.jsonl"
@@ -242,12 +218,14 @@ def generate_responses(
         for it, hs in zip(items, hits, strict=True):
             docs = [clip_words(h.text, cfg.document_words) for h in hs] or [None]
             templates = [ExpertTemplate(cfg.domain, d, preamble) for d in docs]
-            contexts.append([encode_prompt(t.render(it["instruction"], it["input"]), t, tokenizer) for t in templates])
+            contexts.append(
+                [encode_prompt(t.render(it["instruction"], it["input"]), t, rt.tokenizer) for t in templates]
+            )
             weights.append(retrieval_weights([h.score for h in hs]) if hs else [1.0])
         seed = random.Random(f"{cfg.seed}:responses:{items[0]['id']}").randrange(2**31)
         params = cfg.response_sampling.model_copy(update={"seed": seed})
-        decoded = generate_mixture(model, tokenizer, contexts, weights, params, amateur=_amateur(model, cfg),
-                                   alpha=cfg.alpha)  # fmt: skip
+        decoded = generate_mixture(rt.model, rt.tokenizer, contexts, weights, params, amateur=_amateur(rt.model, cfg),
+                                   alpha=cfg.alpha, precision=rt.precision)  # fmt: skip
         record = {"time": time.time(), "items": [
             {"id": it["id"], "output": o.text.strip(),
              "finish_reason": o.finish_reason, "docs": [h.doc_id for h in hs],
@@ -261,8 +239,8 @@ def generate_responses(
 
 
 def assemble(cfg: SynthConfig, pool: Pool, responses: dict[str, dict]) -> tuple[list[Example], Counter]:
-    model_info = models.describe(cfg.model.spec)
-    adapter_hash = models.file_sha256(Path(cfg.adapter) / "adapter_model.safetensors") if cfg.adapter else None
+    model_info = models.model_identity(cfg.model.spec)
+    adapter_hash = file_sha256(Path(cfg.adapter) / models.ADAPTER_WEIGHTS) if cfg.adapter else None
     examples, counts = [], Counter()
     for it in pool.items:
         r = responses[it["id"]]
@@ -277,8 +255,7 @@ def assemble(cfg: SynthConfig, pool: Pool, responses: dict[str, dict]) -> tuple[
                 "instruction_sampling": {**cfg.instruction_sampling.model_dump(), "seed": it["sampling_seed"]},
                 "response_sampling": {**cfg.response_sampling.model_dump(), "seed": r["sampling_seed"]},
                 "retrieval": cfg.retrieval, "docs": r["docs"], "doc_scores": r["doc_scores"], "weights": r["weights"],
-                "response_finish_reason": r["finish_reason"], "model": {k: v for k, v in model_info.items()
-                                                                        if k != "location"},
+                "response_finish_reason": r["finish_reason"], "model": model_info,
                 "adapter_sha256": adapter_hash, "contrastive": cfg.contrastive and bool(cfg.adapter),
                 "iteration": cfg.iteration,
             }, "timestamps": {"instruction": it["generated_at"], "response": r["generated_at"]}},
@@ -296,6 +273,8 @@ def run_synth(cfg: SynthConfig, *, progress: bool = True) -> Path:
         raise ConfigError("retrieval needs a corpus (or set retrieval: none)")
     if cfg.contrastive and not cfg.adapter:
         raise ConfigError("contrastive decoding needs an adapter (the specialized model) to contrast with the base")
+    if cfg.adapter:
+        models.check_adapter(SPECIALIST, cfg.adapter)
     out = Path(cfg.output_dir)
     seeds = load_seeds(cfg)
     fingerprint = cfg.fingerprint()
@@ -306,17 +285,12 @@ def run_synth(cfg: SynthConfig, *, progress: bool = True) -> Path:
     atomic_write_text(meta, json.dumps({"fingerprint": fingerprint, "config": cfg.model_dump(mode="json")}, indent=1))
     write_jsonl(seeds, out / "seeds.jsonl")
 
-    m = cfg.model
-    model, tokenizer = models.load_model(m.spec, dtype=m.dtype, device=m.device, threads=m.threads,
-                                         trust_remote_code=m.trust_remote_code, revision=m.revision)  # fmt: skip
-    if cfg.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, cfg.adapter)
+    # synth renders its own prompts (raw continuation, the expert template), so no checkpoint template applies
+    rt = models.load_runtime(cfg.model, adapters={SPECIALIST: cfg.adapter} if cfg.adapter else None)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
-        pool = generate_instructions(cfg, model, tokenizer, seeds, out, bar)
-        responses = generate_responses(cfg, model, tokenizer, pool, out, bar)
+        pool = generate_instructions(cfg, rt, seeds, out, bar)
+        responses = generate_responses(cfg, rt, pool, out, bar)
     examples, counts = assemble(cfg, pool, responses)
     data = out / "data.jsonl"
     write_jsonl(examples, data)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from specialize.data import DataError
 from specialize.data.readers import iter_jsonl
+from specialize.hashing import file_sha256
 from specialize.io import atomic_path
-from specialize.models import file_sha256
 
 
 @dataclass(frozen=True)

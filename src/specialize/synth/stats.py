@@ -15,6 +15,7 @@ from pathlib import Path
 
 from specialize.data import Example
 from specialize.io import atomic_path, atomic_write_text
+from specialize.synth.filters import HEURISTICS
 
 STOP = frozenset(
     [
@@ -51,11 +52,19 @@ STOP = frozenset(
 )
 
 
-_LEAD = re.compile(r"^(in|for|given|as|after|using)\b[^,]{0,60},\s*(your task is to\s+)?", re.IGNORECASE)
+_LEAD = re.compile(r"^(in|for|given|as|after|using)\b[^,]{0,60},\s*", re.IGNORECASE)
+# what stands before the verb of an imperative: "Your task is to classify", "You need to list", "Please name",
+# "To summarize" (a bare "to" was counted as the most common verb)
+_PRE_VERB = re.compile(
+    r"^((please|kindly)\s+|(your|the) task is to\s+|you (are|will be) (asked|required|expected) to\s+|"
+    r"you (need|have|must|should|will) (to\s+)?|to\s+)+",
+    re.IGNORECASE,
+)
 
 
 def verb_object(instruction: str) -> tuple[str, str]:
     instruction = _LEAD.sub("", instruction.strip())  # "In this task, ..." -> what follows
+    instruction = _PRE_VERB.sub("", instruction)
     words = [w.strip(".,:;?!()\"'").lower() for w in instruction.split()]
     words = [w for w in words if w]
     verb = words[0] if words else ""
@@ -82,18 +91,40 @@ def diversity(examples: Sequence[Example]) -> dict:
     }
 
 
+# Filters in the order the pipeline applies them (`Pool.offer_batch`): self-instruct heuristics, then exact and
+# ROUGE-L duplicates; a response that comes back empty is dropped last.
+FILTER_ORDER = (*(f"rejected_{h}" for h in HEURISTICS), "rejected_exact_duplicate", "rejected_rouge_near_duplicate")
+
+
+def funnel(counts: dict[str, int], final: int) -> list[tuple[str, int]]:
+    """(stage, count) in pipeline order: the items the model generated, those lost while parsing, those parsed
+    after the pool was full, those offered to the filters, each filter's rejections, kept, and final examples."""
+    parse = sorted((k, v) for k, v in counts.items() if k.startswith("parse_"))
+    generated = sum(v for _, v in parse) + counts.get("parsed", 0) + counts.get("beyond_target", 0)
+    filters = [k for k in FILTER_ORDER if counts.get(k)]
+    filters += sorted(k for k in counts if k.startswith("rejected_") and k not in FILTER_ORDER
+                      and k != "rejected_empty_response")  # fmt: skip
+    return [
+        ("generated", generated), *parse, ("beyond_target", counts.get("beyond_target", 0)),
+        ("parsed", counts.get("parsed", 0)), *((k, counts[k]) for k in filters), ("kept", counts.get("kept", 0)),
+        ("rejected_empty_response", counts.get("rejected_empty_response", 0)), ("final examples", final),
+    ]  # fmt: skip
+
+
 def write_stats(out: Path, counts: Counter, examples: Sequence[Example]) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stats = {"filters": dict(sorted(counts.items())), "final_examples": len(examples), "diversity": diversity(examples)}
+    steps = funnel(counts, len(examples))
+    stats = {"filters": dict(counts), "funnel": steps, "final_examples": len(examples),
+             "diversity": diversity(examples)}  # fmt: skip
     atomic_write_text(out / "stats.json", json.dumps(stats, indent=1))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    stages = [(k, v) for k, v in sorted(counts.items()) if v]
+    stages = [(k, v) for k, v in steps if v][::-1]  # barh draws bottom-up: the funnel reads top-down
     ax1.barh([k for k, _ in stages], [v for _, v in stages], color="#4c72b0")
-    ax1.set_title("generated items at each filter")
+    ax1.set_title("generated items through the pipeline")
     top = stats["diversity"]["top_verbs"]
     ax2.barh([v for v, _ in top][::-1], [c for _, c in top][::-1], color="#dd8452")
     ax2.set_title(f"top instruction verbs ({stats['diversity']['unique_verbs']} unique)")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specialize.config import ModelConfig, load_config
+from specialize.config import Method, ModelConfig, Scheduler, TemplateName, load_config
 from specialize.train.mixing import SourceSpec
 
 
@@ -23,12 +23,11 @@ class LoraSettings(BaseModel):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
-class StageConfig(BaseModel):
-    """One stage of the curriculum (e.g. generalist, then specialist)."""
+class StageSettings(BaseModel):
+    """How one stage trains: every hyperparameter, without its data (an experiment declares these once per
+    stage and takes the data from the grid point)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    sources: list[SourceSpec] = Field(min_length=1)
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=1, description="examples per optimizer step, over all processes")
     micro_batch_size: int = Field(8, ge=1, description="examples per forward pass on one process")
@@ -36,18 +35,25 @@ class StageConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    scheduler: Scheduler = "cosine"
     max_length: int = Field(1024, ge=8)
     max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class StageConfig(StageSettings):
+    """One stage of the curriculum (e.g. generalist, then specialist): its settings and its data mix."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    sources: list[SourceSpec] = Field(min_length=1)
 
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = ModelConfig()
-    method: Literal["full", "lora", "qlora"] = "lora"
+    method: Method = "lora"
     lora: LoraSettings = LoraSettings()
-    template: Literal["alpaca", "chat"] = "alpaca"
+    template: TemplateName = "alpaca"
     stages: list[StageConfig] = Field(min_length=1)
     output_dir: str = "runs/train"
     seed: int = 0
@@ -79,3 +85,25 @@ def load_train_config(path_or_preset: str, overrides: list[str] | None = None) -
     """A YAML file or a shipped preset name, plus `key.sub=value` overrides."""
     path = preset_path(path_or_preset) if path_or_preset in PRESETS else Path(path_or_preset)
     return load_config(TrainConfig, path, overrides)
+
+
+def self_specialization_config(
+    data: str | Path,
+    *,
+    model: ModelConfig,
+    output_dir: str | Path,
+    stage: StageSettings | None = None,
+    overrides: list[str] | None = None,
+    **fields: Any,
+) -> TrainConfig:
+    """Kang et al.'s tuning of a specialist on a synth run's `data.jsonl`: the `self_specialization_lora`
+    preset (the paper's settings, `overrides` applied), with its stage's hyperparameters replaced by `stage` and
+    its top-level fields by `fields` when given. `specialize synth --train` and the experiment runner both call
+    this, so the two train the same way."""
+    cfg = load_train_config("self_specialization_lora", overrides)
+    preset = cfg.stages[0]
+    hyper = (stage or preset).model_dump(include=set(StageSettings.model_fields))
+    only = StageConfig(name=preset.name, sources=[SourceSpec(name="synthetic", path=str(data))], **hyper)
+    return TrainConfig.model_validate(
+        {**cfg.model_dump(), **fields, "model": model, "output_dir": str(output_dir), "stages": [only]}
+    )

@@ -6,7 +6,6 @@ equal proportion"; a source's tasks (SuperNI task files, or the `task` field) pl
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -15,7 +14,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from specialize.data import Example, FieldMap, LoadResult, read_records, source_exists
+from specialize.data import (
+    Example,
+    FieldMap,
+    LoadResult,
+    read_records,
+    read_superni_task,
+    source_exists,
+    superni_task_files,
+)
+from specialize.hashing import Digest
 
 
 class MixError(ValueError):
@@ -52,13 +60,10 @@ class SourceSpec(BaseModel):
 
 def _task_files(spec: SourceSpec) -> list[Path]:
     """SuperNI-style directory: task files filtered by name and category."""
-    from specialize.data import read_superni_task
-
     root = Path(spec.path)
-    files = sorted(root.glob("*.json")) + sorted(root.glob("*.json.gz"))
-    if not files:
+    by_name = superni_task_files(root)
+    if not by_name:
         raise MixError(f"source {spec.label!r}: {root} holds no task .json / .json.gz files")
-    by_name = {f.name.removesuffix(".gz").removesuffix(".json"): f for f in files}
     if spec.tasks:
         missing = [t for t in spec.tasks if t not in by_name]
         if missing:
@@ -171,7 +176,7 @@ def build_mix(sources: Sequence[SourceSpec], seed: int) -> tuple[list[Example], 
 
 def mix_fingerprint(examples: Sequence[Example]) -> str:
     """Content hash of a mix: same examples in the same order -> same fingerprint."""
-    h = hashlib.sha256()
+    h = Digest()
     for r in examples:
-        h.update(r.model_dump_json().encode())
+        h.update(r.model_dump_json())
     return h.hexdigest()

@@ -12,7 +12,6 @@ the same command resumes from the last checkpoint.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -24,6 +23,7 @@ import torch
 
 from specialize import models
 from specialize.data import Example
+from specialize.hashing import Digest, fingerprint
 from specialize.io import atomic_path, atomic_write_text
 from specialize.prompts import get_template, tokenize_for_training
 from specialize.train.batching import StepPlan, collate, micro_batches, response_tokens, shard
@@ -107,20 +107,19 @@ def prepare_stages(cfg: TrainConfig) -> list[PreparedStage]:
     return prepared
 
 
-def stage_key(cfg: TrainConfig, stage: StageConfig, fingerprint: str, parent: str | None) -> str:
+def stage_key(cfg: TrainConfig, stage: StageConfig, data_fingerprint: str, parent: str | None) -> str:
     """Content hash of everything that determines a stage's weights."""
     blob = {
-        "model": models.describe(cfg.model.spec),
+        "model": models.model_identity(cfg.model.spec),
         "method": cfg.method,
         "lora": cfg.lora.model_dump() if cfg.method != "full" else None,
         "template": cfg.template,
         "stage": stage.model_dump(exclude={"sources"}),
-        "data": fingerprint,
+        "data": data_fingerprint,
         "seed": cfg.seed,
         "parent": parent,
     }
-    blob["model"].pop("location", None)  # where the file sits does not change the weights
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+    return fingerprint(blob, length=None)
 
 
 def stage_dir(cfg: TrainConfig, stage: StageConfig, key: str) -> Path:
@@ -136,8 +135,11 @@ def planned_stage_dirs(cfg: TrainConfig, prepared: list[PreparedStage]) -> list[
     return dirs
 
 
-def build_model(cfg: TrainConfig, init_from: StageResult | None) -> tuple[torch.nn.Module, Any]:
-    """Base model (or the previous stage's full weights), with a trainable LoRA adapter when asked."""
+def build_model(
+    cfg: TrainConfig, init_from: StageResult | None, precision: models.Precision
+) -> tuple[torch.nn.Module, Any]:
+    """Base model (or the previous stage's full weights) in `precision.param_dtype`, with a trainable LoRA
+    adapter when asked."""
     m = cfg.model
     spec = init_from.output if init_from is not None and init_from.method == "full" else m.spec
     quant = None
@@ -148,21 +150,19 @@ def build_model(cfg: TrainConfig, init_from: StageResult | None) -> tuple[torch.
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )  # fmt: skip
-    # `auto` keeps fp32 master weights (matmuls still run in bf16 under the autocast of train_precision)
-    dtype = "bfloat16" if cfg.method == "qlora" else ("float32" if m.dtype == "auto" else m.dtype)
     model, tokenizer = models.load_model(
-        spec, dtype=dtype, device=m.device, threads=m.threads,
-        trust_remote_code=m.trust_remote_code, revision=m.revision, quantization_config=quant,
+        spec, device=m.device, threads=m.threads, trust_remote_code=m.trust_remote_code, revision=m.revision,
+        quantization_config=quant, precision=precision,
     )  # fmt: skip
     if cfg.method == "full":
         model.train()
         return model, tokenizer
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model)
     if init_from is not None:  # stage 2 continues the stage-1 adapter
-        model = PeftModel.from_pretrained(model, init_from.output, is_trainable=True)
+        model = models.attach_adapters(model, {"default": init_from.output}, trainable=True)
     else:
         lora = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -221,7 +221,9 @@ def train_stage(cfg: TrainConfig, prep: PreparedStage, parent: StageResult | Non
         return StageResult.load(sdir)
 
     torch.manual_seed(cfg.seed + accelerator.process_index)  # LoRA init and dropout
-    model, tokenizer = build_model(cfg, parent)
+    # decided once: the weights are loaded in its param dtype and every forward runs under its autocast
+    precision = models.train_precision(cfg.model.dtype, str(accelerator.device), quantized=cfg.method == "qlora")
+    model, tokenizer = build_model(cfg, parent, precision)
     features, truncation = tokenize_all(prep.examples, cfg, stage, tokenizer)
     if main:
         sdir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +231,11 @@ def train_stage(cfg: TrainConfig, prep: PreparedStage, parent: StageResult | Non
         atomic_write_text(sdir / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=1))
         if truncation["examples_truncated"]:
             print(f"stage {stage.name}: truncated {truncation} at max_length={stage.max_length}")
+        for source in prep.manifest["sources"]:  # skip_invalid sources: every skipped record is reported
+            if skipped := source["skipped"]:
+                more = f"\n  ... and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+                lines = "\n".join(f"  {s}" for s in skipped[:5])
+                print(f"stage {stage.name}: source {source['name']!r} skipped {len(skipped)} records:\n{lines}{more}")
 
     plan = StepPlan(len(features), stage.batch_size, stage.epochs, cfg.seed)
     optimizer = make_optimizer(model, stage)
@@ -243,7 +250,6 @@ def train_stage(cfg: TrainConfig, prep: PreparedStage, parent: StageResult | Non
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.model.compile(dynamic=True)
     loss_fn, optimizer = accelerator.prepare(ResponseLoss(model), optimizer)
-    precision = models.select_precision(cfg.model.dtype, str(accelerator.device))
     lengths = [len(f.input_ids) for f in features]
     pad_id = tokenizer.pad_token_id
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -324,10 +330,10 @@ def _checkpoint(accelerator, sdir, step, loss_fn, optimizer, scheduler, keep) ->
 
 def _check_replicas(accelerator: Any, model: torch.nn.Module) -> str:
     """Digest of the trainable weights; under DDP every process must hold the same one."""
-    h = hashlib.sha256()
+    h = Digest()
     for name, p in sorted(model.named_parameters()):
         if p.requires_grad:
-            h.update(name.encode())
+            h.update(name)
             h.update(p.detach().float().cpu().numpy().tobytes())
     digest = h.hexdigest()
     if accelerator.num_processes > 1:
@@ -339,14 +345,18 @@ def _check_replicas(accelerator: Any, model: torch.nn.Module) -> str:
 
 
 def _save_final(cfg: TrainConfig, model: Any, tokenizer: Any, out: Path, sdir: Path) -> None:
+    # the template and base model travel inside the checkpoint: eval, serve and synth read them back
+    meta = models.CheckpointMeta(cfg.template, models.model_identity(cfg.model.spec), cfg.method)
     with atomic_path(out, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        meta.write(tmp)
     if cfg.merge and cfg.method != "full":
         merged = model.merge_and_unload()
         with atomic_path(sdir / "merged", is_dir=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            meta.write(tmp)
 
 
 def run_training(cfg: TrainConfig) -> list[StageResult]:

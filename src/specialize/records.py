@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,12 +66,6 @@ class Example(BaseModel):
         if self.options is not None and len(set(self.options)) != len(self.options):
             raise ValueError("options contain duplicates")
         return self
-
-
-def content_id(prefix: str, *parts: str) -> str:
-    """A stable id from content, so ids survive reordering and subsetting of a file."""
-    h = hashlib.sha1("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
-    return f"{prefix}-{h}" if prefix else h
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,373 @@
+"""The numbers of a report, computed from an experiment's results store and per-example predictions: the
+paper-style table, score-vs-amount curves, robustness to paraphrases and the findings (paired bootstrap).
+`report.py` renders them; nothing here draws or writes."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from specialize.config import ConfigError
+from specialize.eval.metrics import primary_metric
+from specialize.eval.results import read_predictions as read_prediction_file
+from specialize.eval.stats import bootstrap_ci, paired_bootstrap
+from specialize.experiment.runner import BASE, RUN, SELF_SPEC, Store, is_adapter
+
+
+def load(db_path: Path) -> dict[str, Any]:
+    runs, scores, meta = Store(db_path).read()
+    return {"runs": runs, "scores": scores, "meta": meta, **read_predictions(runs)}
+
+
+Examples = dict[tuple[str, int, str, str], dict[str, float]]  # (task, k, variant, example id) -> metric scores
+
+
+def read_predictions(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each run's predictions file, read once, as
+    - examples: run_id -> (task, k, variant, example id) -> metric scores of the model the run evaluated;
+    - answers: run_id -> task -> the distinct options that model ranked first (option-ranking tasks, every k
+      and instruction): one answer to everything is a degenerate model, whatever its score."""
+    examples: dict[str, Examples] = {}
+    answers: dict[str, dict[str, set[str]]] = {}
+    for run_id, r in runs.items():
+        model, rows, tasks = _evaluated(r), examples.setdefault(run_id, {}), answers.setdefault(run_id, {})
+        for p in read_prediction_file(Path(r["eval_dir"]) / "predictions.jsonl"):
+            if p.model != model:
+                continue
+            rows[(p.task, p.k, p.variant, p.id)] = p.scores
+            if p.option_logprobs is not None:
+                tasks.setdefault(p.task, set()).add(p.prediction)
+    return {"examples": examples, "answers": answers}
+
+
+def primary_metrics(scores: list[dict[str, Any]]) -> dict[str, str]:
+    have: dict[str, set[str]] = defaultdict(set)
+    for s in scores:
+        have[s["task"]].add(s["metric"])
+    return {t: primary_metric(ms) for t, ms in have.items()}
+
+
+def headline(data: dict[str, Any], k: int | None = None) -> dict[tuple[str, str], dict[str, float]]:
+    """(run_id, task) -> {mean, low, high} of the task's primary metric at k shots (default: the fewest),
+    original instruction."""
+    primary = primary_metrics(data["scores"])
+    k = min((s["k"] for s in data["scores"]), default=0) if k is None else k
+    return {(s["run_id"], s["task"]): {"mean": s["mean"], "low": s["ci_low"], "high": s["ci_high"]}
+            for s in data["scores"] if s["metric"] == primary[s["task"]] and s["k"] == k
+            and s["variant"] == "original"}  # fmt: skip
+
+
+def _columns(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    """Table 1 columns: base, generalist-only, specialist, specialist + generalist (largest amount); seeds pooled."""
+    synth = [k for k, r in runs.items() if r["generalist"] == SELF_SPEC]
+    runs = {k: r for k, r in runs.items() if r["generalist"] != SELF_SPEC}
+    top = max((r["amount"] for r in runs.values()), default=0)
+    gens = sorted({r["generalist"] for r in runs.values()} - {"none"})
+    cols = [("base", [k for k, r in runs.items() if r["weights"] is None]), ("self-specialized", synth)]
+    for g in gens:
+        cols.append((f"{g} only", [k for k, r in runs.items() if r["generalist"] == g and r["amount"] == 0]))
+    if top:
+        cols.append((f"specialist (n={top})", [k for k, r in runs.items()
+                                                 if r["generalist"] == "none" and r["amount"] == top]))  # fmt: skip
+        for g in gens:
+            cols.append((f"specialist + {g} (n={top})",
+                         [k for k, r in runs.items() if r["generalist"] == g and r["amount"] == top]))  # fmt: skip
+    return [(name, ids) for name, ids in cols if ids]
+
+
+# Marks a score whose model ranked the same option first for every example of the task: at the majority rate
+# or below it, whatever the number, the model did not read the inputs.
+ONE_ANSWER_MARK = "†"
+ONE_ANSWER_NOTE = "† the model ranked the same option first for every test example of the task."
+
+# More tasks than this are summarized by one pooled "all tasks" row and curve (a category such as SuperNI
+# Sentiment expands into ~40 tasks; the paper reports their average).
+MAX_TASK_CURVES = 4
+ALL_TASKS = "all {n} tasks"
+
+
+def task_groups(data: dict[str, Any]) -> dict[str, set[str]]:
+    """The experiment's `report_groups` (e.g. skills: factual, reasoning), checked against what was evaluated."""
+    evaluated = {s["task"] for s in data["scores"]}
+    groups = {g: set(ts) for g, ts in data["meta"].get("config", {}).get("report_groups", {}).items()}
+    for g, ts in groups.items():
+        if missing := sorted(ts - evaluated):
+            raise ConfigError(f"report_groups.{g}: {missing} were not evaluated (evaluated: {sorted(evaluated)})")
+    return groups
+
+
+def _over_seeds(
+    data: dict[str, Any], run_ids: list[str], k: int, tasks: set[str] | None, single: dict[str, float] | None
+) -> dict[str, float] | None:
+    """One table cell or curve point for runs that differ only by seed: the seed-averaged primary metric with a
+    95% bootstrap CI over examples (each example's score averaged over the seeds first). One run: its own
+    score and CI (`single`)."""
+    if not run_ids:
+        return None
+    if len(run_ids) == 1:
+        return dict(single) if single is not None else None
+    primary = primary_metrics(data["scores"])
+    per_run = [_example_scores(data, i, primary, k, tasks=tasks) for i in run_ids]
+    common = [key for key in per_run[0] if all(key in p for p in per_run[1:])]  # in the predictions' order
+    est = bootstrap_ci([statistics.mean(p[key] for p in per_run) for key in common], resamples=1000)
+    return {"mean": est.mean, "low": est.low, "high": est.high, "seeds": len(run_ids)}
+
+
+def _pooled(data: dict[str, Any], k: int, tasks: set[str] | None = None) -> dict[str, dict[str, float]]:
+    """run_id -> mean and 95% bootstrap CI of the primary metric over every example of every task (or of
+    `tasks`) at k shots (with equal examples per task, the macro average)."""
+    primary = primary_metrics(data["scores"])
+    out = {}
+    for run_id in data["runs"]:
+        per_example = _example_scores(data, run_id, primary, k, tasks=tasks)
+        if per_example:
+            est = bootstrap_ci(list(per_example.values()), resamples=1000)
+            out[run_id] = {"mean": est.mean, "low": est.low, "high": est.high}
+    return out
+
+
+def table(data: dict[str, Any]) -> dict[str, Any]:
+    """Rows: task (x k when several shot counts were evaluated); columns: see `_columns`."""
+    ks = sorted({s["k"] for s in data["scores"]})
+    cols = _columns(data["runs"])
+    answers = data.get("answers", {})
+    metrics = primary_metrics(data["scores"])
+    rows = []
+    for k in ks:
+        head = headline(data, k)
+        tasks = sorted({t for _, t in head})
+        scope: dict[str, set[str] | None] = {t: {t} for t in tasks}  # the tasks each row pools
+        if len(tasks) > 1:
+            everything = ALL_TASKS.format(n=len(tasks))
+            head |= {(i, everything): v for i, v in _pooled(data, k).items()}
+            tasks.append(everything)
+            scope[everything] = None
+        for g, members in task_groups(data).items():
+            label = f"{g} ({len(members)} task{'s' if len(members) != 1 else ''})"
+            head |= {(i, label): v for i, v in _pooled(data, k, members).items()}
+            tasks.append(label)
+            scope[label] = members
+        for t in tasks:
+            cells = []
+            for _, ids in cols:
+                have = [i for i in ids if (i, t) in head]
+                cell = _over_seeds(data, have, k, scope[t], head.get((have[0], t)) if have else None)
+                if cell is not None:
+                    cell["one_answer"] = all(len(answers.get(i, {}).get(t, ())) == 1 for i in ids)
+                cells.append(cell)
+            label = t if len(ks) == 1 else f"{t} (k={k})"
+            rows.append({"task": label, "metric": metrics.get(t, "primary metric, pooled"), "cells": cells})
+    return {"columns": [c for c, _ in cols], "rows": rows}
+
+
+def curves(data: dict[str, Any]) -> dict[str, dict[str, list[tuple[int, float, float, float]]]]:
+    """task (and 'mean') -> generalist -> [(amount, mean, low, high)] over seeds."""
+    head = headline(data)
+    tasks = {t for _, t in head}
+    k0 = min((s["k"] for s in data["scores"]), default=0)
+    pooled = len(tasks) > MAX_TASK_CURVES
+    if pooled:
+        head = {(i, ALL_TASKS.format(n=len(tasks))): v for i, v in _pooled(data, k0).items()}
+    acc: dict[str, dict[str, dict[int, list[str]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for run_id, task in head:
+        r = data["runs"][run_id]
+        if r["weights"] is None or r["generalist"] == SELF_SPEC:
+            continue
+        acc[task][r["generalist"]][r["amount"]].append(run_id)
+    out: dict[str, dict[str, list]] = {}
+    for task, by_gen in acc.items():
+        scope = None if pooled else {task}
+        out[task] = {}
+        for g, by_amount in by_gen.items():
+            points = []
+            for a, ids in by_amount.items():
+                c = _over_seeds(data, ids, k0, scope, head[(ids[0], task)])
+                points.append((a, c["mean"], c["low"], c["high"]))
+            out[task][g] = sorted(points)
+    return out
+
+
+def _example_scores(
+    data: dict[str, Any],
+    run_id: str,
+    primary: dict[str, str],
+    k: int,
+    variant: str = "original",
+    tasks: set[str] | None = None,
+) -> dict[tuple[str, str], float]:
+    """(task, example id) -> the task's primary metric for one run at k shots under one instruction variant
+    (only `tasks`, when given)."""
+    return {(t, i): v[primary[t]] for (t, kk, var, i), v in data["examples"][run_id].items()
+            if kk == k and var == variant and (tasks is None or t in tasks)}  # fmt: skip
+
+
+def _paraphrase_variants(data: dict[str, Any], run_id: str) -> list[str]:
+    return sorted({var for (_, _, var, _) in data["examples"][run_id]} - {"original"})
+
+
+def _evaluated(run: dict[str, Any]) -> str:
+    """The model name a run's predictions carry: its adapter ("run"), or the weights themselves ("base")."""
+    return RUN if is_adapter(run["weights"]) else BASE
+
+
+def _signed(d: Any) -> str:
+    return f"{d.mean:+.1f} [{d.low:+.1f}, {d.high:+.1f}]"
+
+
+def _paired_difference(a: dict[tuple[str, str], float], b: dict[tuple[str, str], float]) -> tuple[Any, list]:
+    """Paired bootstrap of a - b over the examples both have (None when they share none), and those examples."""
+    keys = sorted(a.keys() & b.keys())
+    return (paired_bootstrap([a[x] for x in keys], [b[x] for x in keys]).difference if keys else None), keys
+
+
+def self_spec_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Kang et al.'s Table 1, tested on these numbers: the self-specialized model beats its base model. Per shot
+    count: paired bootstrap of (self-specialized - base), pooled over tasks and examples."""
+    runs = data["runs"].items()
+    synth = [i for i, r in runs if r["generalist"] == SELF_SPEC]
+    base = [i for i, r in runs if r["weights"] is None]
+    if not synth or not base:
+        return []
+    primary = primary_metrics(data["scores"])
+    out = []
+    for k in sorted({s["k"] for s in data["scores"]}):
+        a = _example_scores(data, synth[0], primary, k)
+        b = _example_scores(data, base[0], primary, k)
+        d, keys = _paired_difference(a, b)
+        if d is None:
+            continue
+        holds = d.low > 0
+        text = (f"Self-specialization changes the score by {_signed(d)} points at "
+                f"k={k} ({len({t for t, _ in keys})} tasks, {len(keys)} examples): "
+                + ("better than the base model, as Kang et al. find" if holds else
+                   "no significant gain over the base model; the finding does not hold at this scale"))  # fmt: skip
+        out.append({"finding": "self-specialization", "k": k, "holds": holds, "text": text, "gain": vars(d)})
+    return out
+
+
+def _seed0(runs: dict[str, dict[str, Any]], generalist: str, amount: int) -> str | None:
+    return next((i for i, r in runs.items()
+                 if r["generalist"] == generalist and r["amount"] == amount and r["seed"] == 0), None)  # fmt: skip
+
+
+def _paraphrased(data: dict[str, Any], run_id: str, primary: dict[str, str], k: int) -> dict[tuple[str, str], float]:
+    """(task, example id) -> the primary metric averaged over the example's paraphrased instructions."""
+    per_variant = [_example_scores(data, run_id, primary, k, v) for v in _paraphrase_variants(data, run_id)]
+    keys = set.intersection(*(set(v) for v in per_variant)) if per_variant else set()
+    return {x: statistics.mean(v[x] for v in per_variant) for x in keys}
+
+
+def robustness(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Shi et al. Figure 4, per run: the primary metric under the original instruction and under paraphrases of
+    it (mean, worst and best paraphrase), pooled over the tasks that have paraphrases, at the fewest shots."""
+    primary = primary_metrics(data["scores"])
+    k0 = min((s["k"] for s in data["scores"]), default=0)
+    out = []
+    for run_id in sorted(data["runs"]):
+        para = _paraphrased(data, run_id, primary, k0)
+        if not para:
+            continue
+        orig = _example_scores(data, run_id, primary, k0)
+        keys = sorted(para.keys() & orig.keys())
+        variants = [_example_scores(data, run_id, primary, k0, v) for v in _paraphrase_variants(data, run_id)]
+        per_variant = [[scores[x] for x in keys] for scores in variants]
+        change = paired_bootstrap([para[x] for x in keys], [orig[x] for x in keys]).difference
+        out.append({"run": run_id, "examples": len(keys), "paraphrases": len(per_variant),
+                    "original": statistics.mean(orig[x] for x in keys),
+                    "paraphrased": statistics.mean(para[x] for x in keys),
+                    "worst": min(map(statistics.mean, per_variant)), "best": max(map(statistics.mean, per_variant)),
+                    "change": vars(change)})  # fmt: skip
+    return out
+
+
+def robustness_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Shi et al.'s Figure 4 finding, tested on these numbers: with generalist data the specialist scores better
+    under paraphrased instructions. Paired bootstrap of (with - without) on the paraphrase-averaged score per
+    example, at the largest specialist amount."""
+    runs = data["runs"]
+    primary = primary_metrics(data["scores"])
+    k0 = min((s["k"] for s in data["scores"]), default=0)
+    top = max((r["amount"] for r in runs.values() if r["generalist"] != SELF_SPEC), default=0)
+    without = _seed0(runs, "none", top)
+    out = []
+    for g in sorted({r["generalist"] for r in runs.values()} - {"none", SELF_SPEC}):
+        with_g = _seed0(runs, g, top)
+        if not top or with_g is None or without is None:
+            continue
+        a, b = _paraphrased(data, with_g, primary, k0), _paraphrased(data, without, primary, k0)
+        d, keys = _paired_difference(a, b)
+        if d is None:
+            continue
+        answers = data.get("answers", {}).get(with_g, {})
+        constant = bool(answers) and all(len(a) == 1 for a in answers.values())
+        holds = None if constant else d.mean > 0
+        verdict = ("undetermined: with generalist data the model gives one answer to every example under every "
+                   "instruction, so it is unchanged by rewording without reading it" if constant else
+                   "more robust with generalist data, as the paper finds" if holds else
+                   "no more robust with generalist data; the paper's finding does not hold at this scale")  # fmt: skip
+        text = (f"Under paraphrased instructions, generalist data ({g}) changes the specialist's score (n={top}) by "
+                f"{_signed(d)} points ({len(keys)} examples): {verdict}"
+                + ("" if d.low > 0 or d.high < 0 else " (the CI includes 0)"))  # fmt: skip
+        out.append({"finding": "paraphrase-robustness", "generalist": g, "holds": holds, "text": text,
+                    "gain": vars(d)})  # fmt: skip
+    return out
+
+
+def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Shi et al.'s central finding, tested on these numbers: generalist data helps the specialist most when
+    task data is scarce. Per generalist source: paired bootstrap of (with - without) at the smallest and the
+    largest specialist amount, pooled over tasks and examples (seed 0 runs)."""
+    out = []
+    for scope, tasks in [(None, None), *task_groups(data).items()]:
+        out += _generalist_gains(data, scope, tasks)
+    return out + robustness_findings(data) + self_spec_findings(data)
+
+
+def _generalist_gains(data: dict[str, Any], scope: str | None, tasks: set[str] | None) -> list[dict[str, Any]]:
+    """The generalist-gain finding over every task (scope None) or over one report group's tasks."""
+    runs = data["runs"]
+    primary = primary_metrics(data["scores"])
+    k0 = min((s["k"] for s in data["scores"]), default=0)
+    amounts = sorted({r["amount"] for r in runs.values() if r["amount"] > 0 and r["generalist"] != SELF_SPEC})
+    gens = sorted({r["generalist"] for r in runs.values()} - {"none", SELF_SPEC})
+    where = f"[{scope}] " if scope else ""
+    out = []
+    for g in gens:
+        gains = {}
+        for n in {amounts[0], amounts[-1]} if amounts else set():
+            with_g, without = _seed0(runs, g, n), _seed0(runs, "none", n)
+            if with_g is None or without is None:
+                continue
+            a = _example_scores(data, with_g, primary, k0, tasks=tasks)
+            b = _example_scores(data, without, primary, k0, tasks=tasks)
+            d, _ = _paired_difference(a, b)
+            if d is not None:
+                gains[n] = d
+        if len(gains) == 2:
+            lo, hi = gains[amounts[0]], gains[amounts[-1]]
+            # the paper's finding: generalist data helps when task data is scarce, and helps less as it grows
+            holds = lo.mean > 0 and lo.mean > hi.mean
+            verdict = (
+                "it helps most when task data is scarce, as the paper finds"
+                if holds
+                else "it does not help when task data is scarce; the paper's finding does not hold at this scale"
+                if lo.mean <= 0
+                else "it helps no more when task data is scarce; the paper's finding does not hold at this scale"
+            )
+            text = (f"{where}Generalist data ({g}) adds {_signed(lo)} points with "
+                    f"{amounts[0]} task examples and {_signed(hi)} "
+                    f"with {amounts[-1]}: {verdict}"
+                    + ("" if lo.low > 0 or lo.high < 0 else " (the small-data gain's CI includes 0)"))  # fmt: skip
+            out.append({"finding": "generalist-gain", "scope": scope, "generalist": g, "holds": holds, "text": text,
+                        "gain_small": vars(lo), "gain_large": vars(hi)})  # fmt: skip
+        elif len(gains) == 1:
+            ((n, d),) = gains.items()
+            text = f"{where}Generalist data ({g}) adds {_signed(d)} points at n={n} (one amount: no trend to test)."
+            out.append({"finding": "generalist-gain", "scope": scope, "generalist": g, "holds": None, "text": text,
+                        "gain": vars(d)})  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------------- rendering
