@@ -104,7 +104,7 @@ def test_eval_reads_each_adapters_template_and_a_flag_overrides_with_a_warning(t
     cfg = EvalConfig(model={"spec": str(model_dir), "dtype": "float32"}, adapters={"tuned": str(chat)},
                      tasks=[task], output_dir=str(tmp_path / "out"))  # fmt: skip
     summary = evaluate(cfg, progress=False)
-    assert summary["templates"] == {"base": "alpaca", "tuned": "chat"}
+    assert summary.templates == {"base": "alpaca", "tuned": "chat"}
     rows = {r["model"]: r for r in map(json.loads, (tmp_path / "out/predictions.jsonl").read_text().splitlines())}
     from transformers import AutoTokenizer
 
@@ -117,7 +117,7 @@ def test_eval_reads_each_adapters_template_and_a_flag_overrides_with_a_warning(t
     with pytest.warns(UserWarning, match="trained with the 'chat' template but 'alpaca' was asked for"):
         summary = evaluate(cfg.model_copy(update={"template": "alpaca", "output_dir": str(tmp_path / "o2")}),
                            progress=False)  # fmt: skip
-    assert summary["templates"] == {"base": "alpaca", "tuned": "alpaca"}
+    assert summary.templates == {"base": "alpaca", "tuned": "alpaca"}
 
 
 def test_training_stores_template_and_base_model_in_the_checkpoint(tmp_path, tiny_model_dir, shared_data):
@@ -172,10 +172,10 @@ def test_pickled_adapters_and_the_name_base_are_refused_everywhere(tmp_path, tin
 def test_cli_flags_override_a_config_file_only_when_given(tmp_path, monkeypatch):
     import specialize.eval.harness as harness
     from specialize.cli import main
+    from specialize.eval.results import Summary
 
     seen = []
-    monkeypatch.setattr(harness, "evaluate", lambda cfg: seen.append(cfg) or {"scores": [], "kshot": [],
-                        "paraphrase": [], "splits": [], "comparisons": []})  # fmt: skip
+    monkeypatch.setattr(harness, "evaluate", lambda cfg: seen.append(cfg) or Summary(scores=[]))
     cfg = tmp_path / "e.yaml"
     cfg.write_text("model: {spec: my/model, dtype: bfloat16, device: cuda}\ntasks: [fpb]\ntemplate: chat\n")
     assert main(["eval", str(cfg), "--model", "other/model", "--template", "alpaca"]) == 0
@@ -201,7 +201,7 @@ def test_one_primary_metric_rule_for_eval_and_report():
         bootstrap_resamples, seed, include_base = 100, 0, True
 
     summary = summarize(rows, [LoadedTask("nq", spec, [], [])], {}, Cfg())
-    assert summary["comparisons"][0]["metric"] == "token_f1" == primary_metric(spec.metric_names)
+    assert summary.comparisons[0].metric == "token_f1" == primary_metric(spec.metric_names)
     report_scores = [{"task": "nq", "metric": m} for m in ("exact_match", "token_f1")]
     assert primary_metrics(report_scores) == {"nq": "token_f1"}
 

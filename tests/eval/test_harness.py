@@ -10,6 +10,7 @@ import torch
 
 from specialize.config import ConfigError
 from specialize.eval.harness import EvalConfig, evaluate
+from specialize.eval.results import Summary
 
 QA = [("Is fire hot?", "yes"), ("Is ice hot?", "no"), ("Is snow cold?", "yes"), ("Is lava cold?", "no"),
       ("Is the sun hot?", "yes"), ("Is water dry?", "no")]  # fmt: skip
@@ -71,7 +72,9 @@ def test_counts_scores_aggregates_and_manifest(tmp_path, tiny_model_dir, tiny_ta
         model={"spec": str(tiny_model_dir), "dtype": "float32"}, adapters={"tuned": str(tiny_adapter)},
         tasks=tiny_tasks, output_dir=str(tmp_path / "out"), split_file=str(split), bootstrap_resamples=200,
     )  # fmt: skip
-    summary = evaluate(cfg, progress=False)
+    returned = evaluate(cfg, progress=False)
+    summary = json.loads((tmp_path / "out/summary.json").read_text())  # the file's schema, as users read it
+    assert Summary.model_validate(summary) == returned
     rows = [json.loads(x) for x in (tmp_path / "out/predictions.jsonl").read_text().splitlines()]
     # 2 models x (options: 6 examples x 2 k x 3 instructions + generation: 4 examples x 2 instructions)
     assert len(rows) == 2 * (6 * 2 * 3 + 4 * 2)

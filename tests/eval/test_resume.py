@@ -11,6 +11,7 @@ import pytest
 
 from specialize.eval import harness
 from specialize.eval.harness import EvalConfig, evaluate
+from specialize.eval.results import Summary
 
 QA = [("Is fire hot?", "yes"), ("Is ice hot?", "no"), ("Is snow cold?", "yes"), ("Is lava cold?", "no")]
 
@@ -51,8 +52,7 @@ def test_a_killed_evaluation_resumes_to_the_same_results(tmp_path: Path, tiny_mo
     resumed = evaluate(cfg, progress=False)
     assert len(calls) == 5 - 2  # 5 units (options: k 0/1 x 2 instructions, generation: 1); 2 were done
     assert (out / "predictions.jsonl").read_text() == (tmp_path / "whole/predictions.jsonl").read_text()
-    drop = {"seconds"}
-    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    assert resumed.model_dump(exclude={"seconds"}) == whole.model_dump(exclude={"seconds"})
     assert not (out / harness.PARTIAL).exists()
 
 
@@ -93,10 +93,18 @@ def test_summary_is_one_whole_line_per_score_on_a_narrow_console():
     from rich.console import Console
 
     long = "task1312_amazonreview_polarity_classification"
-    summary = {"scores": [{"model": "base", "task": long, "k": 0, "variant": "original", "split": "all", "n": 40,
-                           "accuracy": {"mean": 51.25, "ci95": [40.0, 62.5]}, "majority_baseline": 50.0,
-                           "above_majority": True}],
-               "kshot": [], "paraphrase": [], "splits": [], "comparisons": []}  # fmt: skip
+    entry = {
+        "model": "base",
+        "task": long,
+        "k": 0,
+        "variant": "original",
+        "split": "all",
+        "n": 40,
+        "accuracy": {"mean": 51.25, "ci95": [40.0, 62.5]},
+        "majority_baseline": 50.0,
+        "above_majority": True,
+    }
+    summary = Summary.model_validate({"scores": [entry]})  # summary.json's shape: metrics at the top level
     buf = io.StringIO()
     harness.print_summary(summary, Console(file=buf, width=80, force_terminal=False))
     lines = buf.getvalue().splitlines()

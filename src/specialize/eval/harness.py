@@ -29,7 +29,16 @@ from specialize.config import BASE, ConfigError, ModelConfig, TemplateName
 from specialize.data import Example
 from specialize.eval.metrics import METRICS
 from specialize.eval.options import score_options
-from specialize.eval.results import Prediction
+from specialize.eval.results import (
+    Comparison,
+    Estimate,
+    KShot,
+    Prediction,
+    Robustness,
+    ScoreEntry,
+    SplitMean,
+    Summary,
+)
 from specialize.eval.stats import bootstrap_ci, paired_bootstrap
 from specialize.eval.tasks import LoadedTask, load_task_spec, load_tasks, read_split_file, with_demos, with_instruction
 from specialize.hashing import file_sha256, fingerprint, lines_sha256, text_sha256
@@ -242,7 +251,7 @@ def _resume(path: Path, fp: str) -> dict[tuple, list[Prediction]]:
     return done
 
 
-def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig, *, progress: bool = True) -> Summary:
     start = time.perf_counter()
     tasks, splits = prepare(cfg)
     out = Path(cfg.output_dir)
@@ -285,15 +294,15 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict[str, Any]:
                 rows += unit
                 bar.advance(job)
     summary = summarize(rows, tasks, splits, cfg)
-    summary["instructions"] = {t.name: t.spec.paraphrases for t in tasks if t.spec.paraphrases}
-    summary["generated_paraphrases"] = generated
-    summary["paraphrases_rejected"] = rejected
-    summary["templates"] = {n: rt.template_for(n) for n in names}
-    summary["seconds"] = time.perf_counter() - start  # the cost of this evaluation, kept with its cached results
+    summary.instructions = {t.name: t.spec.paraphrases for t in tasks if t.spec.paraphrases}
+    summary.generated_paraphrases = generated
+    summary.paraphrases_rejected = rejected
+    summary.templates = {n: rt.template_for(n) for n in names}
+    summary.seconds = time.perf_counter() - start
     with atomic_path(out / "predictions.jsonl") as tmp, tmp.open("w") as f:
         for r in rows:
             f.write(r.line() + "\n")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "summary.json", summary.json_text())
     atomic_write_text(out / "manifest.json", json.dumps(manifest(cfg, rt, tasks), indent=1))
     (out / PARTIAL).unlink()
     return summary
@@ -308,78 +317,51 @@ def _row(
                       fallback_demo_ids=ex.metadata.get("fallback_demo_ids"))  # fmt: skip
 
 
-def summarize(rows: list[Prediction], tasks: list[LoadedTask], splits: dict[str, str], cfg: EvalConfig) -> dict:
+def summarize(rows: list[Prediction], tasks: list[LoadedTask], splits: dict[str, str], cfg: EvalConfig) -> Summary:
     groups: dict[tuple, list[Prediction]] = defaultdict(list)
     for r in rows:
         groups[r.unit].append(r)
+    majority = {t.name: _majority_baseline(t) for t in tasks if t.spec.protocol == "options"}
     scores = []
     for (model, task, k, variant), rs in groups.items():
-        entry: dict[str, Any] = {
-            "model": model,
-            "task": task,
-            "k": k,
-            "variant": variant,
-            "n": len(rs),
-            "split": splits.get(task, "train" if splits else "all"),
-        }
+        metrics = {}
         for metric in rs[0].scores:
             est = bootstrap_ci([r.scores[metric] for r in rs], resamples=cfg.bootstrap_resamples, seed=cfg.seed)
-            entry[metric] = {"mean": est.mean, "ci95": [est.low, est.high]}
+            metrics[metric] = Estimate(mean=est.mean, ci95=(est.low, est.high))
+        entry = ScoreEntry(model=model, task=task, k=k, variant=variant, n=len(rs), metrics=metrics,
+                           split=splits.get(task, "train" if splits else "all"))  # fmt: skip
+        if task in majority and "accuracy" in metrics:
+            entry.majority_baseline = majority[task]
+            entry.above_majority = metrics["accuracy"].mean > majority[task]
         scores.append(entry)
-    majority = {t.name: _majority_baseline(t) for t in tasks if t.spec.protocol == "options"}
-    for entry in scores:
-        if entry["task"] in majority and "accuracy" in entry:
-            entry["majority_baseline"] = majority[entry["task"]]
-            entry["above_majority"] = entry["accuracy"]["mean"] > majority[entry["task"]]
-    summary: dict[str, Any] = {"scores": scores, "kshot": [], "paraphrase": [], "splits": [], "comparisons": []}
+    summary = Summary(scores=scores)
     primary = {t.name: t.spec.primary_metric for t in tasks}
-    by_mt: dict[tuple, list[dict]] = defaultdict(list)
+    by_mt: dict[tuple, list[ScoreEntry]] = defaultdict(list)
     for s in scores:
-        by_mt[(s["model"], s["task"])].append(s)
+        by_mt[(s.model, s.task)].append(s)
     for (model, task), ss in by_mt.items():
         metric = primary[task]
-        originals = {s["k"]: s[metric]["mean"] for s in ss if s["variant"] == "original"}
+        originals = {s.k: s.metrics[metric].mean for s in ss if s.variant == "original"}
         if len(originals) > 1:  # Self-Specialization Table 4: worst / average / best over k
             vals = list(originals.values())
-            summary["kshot"].append(
-                {
-                    "model": model,
-                    "task": task,
-                    "metric": metric,
-                    "by_k": originals,
-                    "worst": min(vals),
-                    "average": statistics.mean(vals),
-                    "best": max(vals),
-                }
-            )
+            summary.kshot.append(KShot(model=model, task=task, metric=metric, by_k=originals, worst=min(vals),
+                                       average=statistics.mean(vals), best=max(vals)))  # fmt: skip
         for k in originals:
-            variants = [s[metric]["mean"] for s in ss if s["k"] == k]
+            variants = [s.metrics[metric].mean for s in ss if s.k == k]
             if len(variants) > 1:  # robustness to paraphrased instructions (Shi et al. Figure 4)
-                summary["paraphrase"].append(
-                    {
-                        "model": model,
-                        "task": task,
-                        "k": k,
-                        "metric": metric,
-                        "n_instructions": len(variants),
-                        "mean": statistics.mean(variants),
-                        "best": max(variants),
-                        "worst": min(variants),
-                        "spread": max(variants) - min(variants),
-                        "stdev": statistics.pstdev(variants),
-                    }
-                )
+                summary.paraphrase.append(Robustness(
+                    model=model, task=task, k=k, metric=metric, n_instructions=len(variants),
+                    mean=statistics.mean(variants), best=max(variants), worst=min(variants),
+                    spread=max(variants) - min(variants), stdev=statistics.pstdev(variants)))  # fmt: skip
     if splits:
         agg: dict[tuple, list[float]] = defaultdict(list)
         for s in scores:
-            if s["variant"] == "original":
-                agg[(s["model"], s["k"], s["split"])].append(s[primary[s["task"]]]["mean"])
-        summary["splits"] = [
-            {"model": m, "k": k, "split": sp, "tasks": len(v), "mean": statistics.mean(v)}
-            for (m, k, sp), v in sorted(agg.items())
-        ]
+            if s.variant == "original":
+                agg[(s.model, s.k, s.split)].append(s.metrics[primary[s.task]].mean)
+        summary.splits = [SplitMean(model=m, k=k, split=sp, tasks=len(v), mean=statistics.mean(v))
+                          for (m, k, sp), v in sorted(agg.items())]  # fmt: skip
     if cfg.include_base:
-        summary["comparisons"] = _paired(rows, primary, cfg)
+        summary.comparisons = _paired(rows, primary, cfg)
     return summary
 
 
@@ -391,7 +373,7 @@ def _majority_baseline(task: LoadedTask) -> float:
     return 100.0 * max(counts.values()) / len(task.examples)
 
 
-def _paired(rows: list[Prediction], primary: dict[str, str], cfg: EvalConfig) -> list[dict]:
+def _paired(rows: list[Prediction], primary: dict[str, str], cfg: EvalConfig) -> list[Comparison]:
     keyed: dict[tuple, dict[str, float]] = defaultdict(dict)
     for r in rows:
         keyed[(r.task, r.k, r.variant, r.model)][r.id] = r.scores[primary[r.task]]
@@ -404,19 +386,9 @@ def _paired(rows: list[Prediction], primary: dict[str, str], cfg: EvalConfig) ->
         cmp = paired_bootstrap(
             [sc[i] for i in ids], [base[i] for i in ids], resamples=cfg.bootstrap_resamples, seed=cfg.seed
         )
-        out.append(
-            {
-                "model": model,
-                "vs": BASE,
-                "task": task,
-                "k": k,
-                "variant": variant,
-                "metric": primary[task],
-                "difference": cmp.difference.mean,
-                "ci95": [cmp.difference.low, cmp.difference.high],
-                "p_value": cmp.p_value,
-            }
-        )
+        out.append(Comparison(model=model, vs=BASE, task=task, k=k, variant=variant, metric=primary[task],
+                              difference=cmp.difference.mean, ci95=(cmp.difference.low, cmp.difference.high),
+                              p_value=cmp.p_value))  # fmt: skip
     return out
 
 
@@ -461,19 +433,18 @@ def manifest(cfg: EvalConfig, rt: models.Runtime, tasks: list[LoadedTask]) -> di
 WIDE_TABLE = 140
 
 
-def _score_lines(summary: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, str, str]]:
+def _score_lines(summary: Summary) -> Iterator[tuple[ScoreEntry, str, str, str]]:
     """(score entry, metric, "mean [low, high]", majority note) for every score of the summary."""
-    for s in summary["scores"]:
-        for metric, val in s.items():
-            if isinstance(val, dict) and "mean" in val:
-                majority = ""
-                if metric == "accuracy" and "majority_baseline" in s:
-                    verdict = "above" if s["above_majority"] else "NOT above"
-                    majority = f"{s['majority_baseline']:.2f} ({verdict})"
-                yield s, metric, f"{val['mean']:.2f} [{val['ci95'][0]:.2f}, {val['ci95'][1]:.2f}]", majority
+    for s in summary.scores:
+        for metric, val in s.metrics.items():
+            majority = ""
+            if metric == "accuracy" and s.majority_baseline is not None:
+                verdict = "above" if s.above_majority else "NOT above"
+                majority = f"{s.majority_baseline:.2f} ({verdict})"
+            yield s, metric, f"{val.mean:.2f} [{val.ci95[0]:.2f}, {val.ci95[1]:.2f}]", majority
 
 
-def print_summary(summary: dict[str, Any], console: Any = None) -> None:
+def print_summary(summary: Summary, console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -487,37 +458,25 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
         for col in ("model", "task", "k", "variant", "split", "n", "metric", "score", "majority"):
             table.add_column(col)
         for s, metric, score, majority in _score_lines(summary):
-            table.add_row(s["model"], s["task"], str(s["k"]), s["variant"], s["split"], str(s["n"]), metric, score,
-                          majority)  # fmt: skip
+            table.add_row(s.model, s.task, str(s.k), s.variant, s.split, str(s.n), metric, score, majority)
         console.print(table)
     else:
         say("scores: model task k variant split n metric mean [95% bootstrap CI]")
         for s, metric, score, majority in _score_lines(summary):
-            line = f"{s['model']} {s['task']} k={s['k']} {s['variant']} {s['split']} n={s['n']} {metric} {score}"
-            say(line + (f" majority {majority}" if majority else ""))
-
-    for s in summary["scores"]:
-        if "majority_baseline" in s:
-            verdict = "above" if s["above_majority"] else "NOT above"
-            say(
-                f"{s['model']} {s['task']} k={s['k']} {s['variant']}: accuracy {s['accuracy']['mean']:.2f} "
-                f"is {verdict} the majority-class baseline {s['majority_baseline']:.2f}"
-            )
-    for row in summary["kshot"]:
-        say(
-            f"{row['model']} {row['task']} {row['metric']} over k: worst {row['worst']:.2f}, "
-            f"average {row['average']:.2f}, best {row['best']:.2f}"
-        )
-    for row in summary["paraphrase"]:
-        say(
-            f"{row['model']} {row['task']} k={row['k']} over {row['n_instructions']} instructions: "
-            f"mean {row['mean']:.2f}, best {row['best']:.2f}, worst {row['worst']:.2f}, "
-            f"spread {row['spread']:.2f}"
-        )
-    for row in summary["splits"]:
-        say(f"{row['model']} k={row['k']} {row['split']} tasks ({row['tasks']}): mean {row['mean']:.2f}")
-    for row in summary["comparisons"]:
-        say(
-            f"{row['model']} - base on {row['task']} (k={row['k']}, {row['variant']}): "
-            f"{row['difference']:+.2f} [{row['ci95'][0]:+.2f}, {row['ci95'][1]:+.2f}], p={row['p_value']:.3f}"
-        )
+            say(f"{s.model} {s.task} k={s.k} {s.variant} {s.split} n={s.n} {metric} {score}"
+                + (f" majority {majority}" if majority else ""))  # fmt: skip
+    for s in summary.scores:
+        if s.majority_baseline is not None:
+            verdict = "above" if s.above_majority else "NOT above"
+            say(f"{s.model} {s.task} k={s.k} {s.variant}: accuracy {s.metrics['accuracy'].mean:.2f} "
+                f"is {verdict} the majority-class baseline {s.majority_baseline:.2f}")  # fmt: skip
+    for r in summary.kshot:
+        say(f"{r.model} {r.task} {r.metric} over k: worst {r.worst:.2f}, average {r.average:.2f}, best {r.best:.2f}")
+    for p in summary.paraphrase:
+        say(f"{p.model} {p.task} k={p.k} over {p.n_instructions} instructions: mean {p.mean:.2f}, "
+            f"best {p.best:.2f}, worst {p.worst:.2f}, spread {p.spread:.2f}")  # fmt: skip
+    for sp in summary.splits:
+        say(f"{sp.model} k={sp.k} {sp.split} tasks ({sp.tasks}): mean {sp.mean:.2f}")
+    for c in summary.comparisons:
+        say(f"{c.model} - base on {c.task} (k={c.k}, {c.variant}): {c.difference:+.2f} "
+            f"[{c.ci95[0]:+.2f}, {c.ci95[1]:+.2f}], p={c.p_value:.3f}")  # fmt: skip

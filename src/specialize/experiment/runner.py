@@ -24,6 +24,7 @@ from typing import Any
 
 from specialize import models
 from specialize.config import BASE
+from specialize.eval.results import ScoreEntry, Summary
 from specialize.experiment.config import ExperimentConfig, RunSpec, expand
 from specialize.hashing import fingerprint, weights_sha256
 from specialize.train.config import StageConfig, TrainConfig, self_specialization_config
@@ -85,7 +86,7 @@ class Store:
         cols = ", ".join(row)
         self.db.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({', '.join(':' + c for c in row)})", row)
 
-    def record(self, run_id: str, info: dict[str, Any], summary: dict[str, Any]) -> None:
+    def record(self, run_id: str, info: dict[str, Any], scores: list[ScoreEntry]) -> None:
         with self.db:
             self.db.execute("DELETE FROM scores WHERE run_id = ?", (run_id,))
             self._insert("runs", {
@@ -93,13 +94,12 @@ class Store:
                 "seed": info["seed"], "weights": info["weights"], "eval_dir": info["eval_dir"],
                 "config": json.dumps(info["config"]), "train_s": info["train_s"], "eval_s": info["eval_s"],
                 "finished": time.time()})  # fmt: skip
-            for s in summary["scores"]:
-                for metric, v in s.items():
-                    if isinstance(v, dict) and "mean" in v:
-                        self._insert("scores", {
-                            "run_id": run_id, "task": s["task"], "k": s["k"], "variant": s["variant"],
-                            "split": s["split"], "metric": metric, "mean": v["mean"], "ci_low": v["ci95"][0],
-                            "ci_high": v["ci95"][1], "n": s["n"]})  # fmt: skip
+            for s in scores:
+                for metric, v in s.metrics.items():
+                    self._insert("scores", {
+                        "run_id": run_id, "task": s.task, "k": s.k, "variant": s.variant, "split": s.split,
+                        "metric": metric, "mean": v.mean, "ci_low": v.ci95[0], "ci_high": v.ci95[1],
+                        "n": s.n})  # fmt: skip
 
     def read(self) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
         """(runs by id, scores, meta), every row a dict keyed by its column names."""
@@ -161,14 +161,11 @@ def _evaluate_into(store: Store, run_id: str, ec, eval_dir: Path, info: dict[str
     info = {**info, "weights": str(Path(info["weights"]).resolve()) if info["weights"] else None}
     if store.done(run_id, str(eval_dir)):
         return
-    if (eval_dir / "summary.json").is_file():
-        summary = json.loads((eval_dir / "summary.json").read_text())
-    else:
-        summary = evaluate(ec)
-    eval_s = summary.get("seconds")  # None: cached by a version that did not record it
+    summary = Summary.read(eval_dir / "summary.json") if (eval_dir / "summary.json").is_file() else evaluate(ec)
     evaluated = RUN if ec.adapters else BASE  # full fine-tuning evaluates the tuned weights as the model
-    scores = {"scores": [s for s in summary["scores"] if s["model"] == evaluated]}
-    store.record(run_id, {**info, "eval_dir": str(eval_dir), "eval_s": eval_s}, scores)
+    scores = [s for s in summary.scores if s.model == evaluated]
+    # seconds is None when the evaluation was cached by a version that did not record it
+    store.record(run_id, {**info, "eval_dir": str(eval_dir), "eval_s": summary.seconds}, scores)
 
 
 def plan(cfg: ExperimentConfig) -> list[dict[str, Any]]:
