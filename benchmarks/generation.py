@@ -1,6 +1,8 @@
 """Generation throughput: batched `specialize` generation vs a naive batch-1 `model.generate` loop, same
 prompts, same greedy decoding, same number of new tokens; plus the cost of eq. 2 marginalization (k
-retrieved-document contexts mixed at every step) per generated token against plain generation.
+retrieved-document contexts mixed at every step) per generated token against plain generation; and the token
+loop's batch-1 and 16-row decode rates against the weight-read bound (the machine's read bandwidth, measured in
+the same run, over the bytes of weights a token reads).
 
     .venv/bin/python benchmarks/generation.py [--prompts 32] [--new 64] [--batch 16] [--k 5]
 """
@@ -14,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from specialize.generation import SamplingParams, generate
-from specialize.generation.decoding import generate_mixture
+from specialize.generation import SamplingParams, generate, generate_mixture
 from specialize.models import inference_mode, load_model, select_precision
 from specialize.prompts import AlpacaTemplate, encode_prompt
 
@@ -85,6 +86,42 @@ def main() -> None:
           f"-> {(ours_tokens / ours_s) / (naive_tokens / naive_s):.1f}x")  # fmt: skip
     print(f"eq. 2 marginalization over k={args.k} documents: {per_tok_k * 1000:.1f} ms per generated token vs "
           f"{per_tok_1 * 1000:.1f} ms with one document context ({per_tok_k / per_tok_1:.2f}x)")  # fmt: skip
+    print(f"eq. 2 answer tokens/s over k={args.k} documents: {len(items) * args.new / k_s:.1f} vs naive batch-1 "
+          f"model.generate over one document: {naive_tokens / naive_s:.1f} "
+          f"({(len(items) * args.new / k_s) / (naive_tokens / naive_s):.2f}x)")  # fmt: skip
+    decode_vs_bound(model, tok, t, precision, args)
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second this machine reads: the best of a few full passes over a tensor larger than any cache."""
+    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def decode_vs_bound(model, tok, t, precision, args) -> None:
+    """Batch-1 decode reads every weight once per token: bandwidth / weight bytes bounds its tokens/s."""
+    weight_dtype = precision.autocast_dtype or precision.param_dtype  # what the matmuls read
+    weight_bytes = sum(p.numel() for p in model.parameters()) * torch.finfo(weight_dtype).bits // 8
+    bw = read_bandwidth()
+    bound = bw / weight_bytes
+    params = SamplingParams(max_new_tokens=args.new, ignore_eos=True)
+    prompt = t.render("Write a long story about a lighthouse keeper.")
+    generate(model, tok, [prompt], t, params.model_copy(update={"max_new_tokens": 4}), precision=precision)  # warm
+    start = time.perf_counter()
+    generate(model, tok, [prompt], t, params, batch_size=1, precision=precision)
+    one = args.new / (time.perf_counter() - start)
+    start = time.perf_counter()
+    generate(model, tok, [prompt] * 16, t, params, batch_size=16, precision=precision)
+    sixteen = 16 * args.new / (time.perf_counter() - start)
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s; {weight_bytes / 1e6:.0f} MB of {weight_dtype} weights per token "
+          f"-> bound {bound:.1f} tok/s at batch 1")  # fmt: skip
+    print(f"token loop batch-1 greedy decode: {one:.1f} tok/s = {100 * one / bound:.0f}% of the bound; "
+          f"16 rows: {sixteen:.1f} tok/s = {sixteen / one:.1f}x batch 1")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 over HTTP on loopback with the `openai` client, same requests for each policy.
 
     .venv/bin/python benchmarks/serve_mixed.py [--requests 64] [--concurrency 8] [--adapters 4] [--max-tokens 32]
-    .venv/bin/python benchmarks/serve_mixed.py --policies mixed --requests 200 --concurrency 8   # the load test
+    .venv/bin/python benchmarks/serve_mixed.py --policies continuous --requests 200 --concurrency 8   # load test
 
 Policies (one server each, in turn, in this process):
-- mixed:       waves of up to --batch requests, any adapters together (per-row LoRA in one forward pass)
-- per_adapter: waves of up to --batch requests of a single adapter
+- continuous:  continuous batching, up to --batch rows, any adapters together (per-row LoRA in one forward pass)
+- static:      waves of up to --batch requests, any adapters together, a wave admitted only into an empty batch
+- per_adapter: static waves of a single adapter
 - switch:      one request at a time, the adapter switched for each (what a server without batching does)
 
 Adapters are LoRA r=8 on all linear layers of the embedded model (PEFT's default init, so they cost what real
@@ -30,7 +31,12 @@ from specialize.serve.engine import Engine
 from specialize.serve.server import ServeConfig, running
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-POLICIES = {"mixed": ("mixed", None), "per_adapter": ("per_adapter", None), "switch": ("per_adapter", 1)}
+POLICIES = {
+    "continuous": ("continuous", None),
+    "static": ("static", None),
+    "per_adapter": ("per_adapter", None),
+    "switch": ("per_adapter", 1),
+}
 
 
 def make_adapters(n: int, out: Path) -> dict[str, str]:
@@ -75,6 +81,35 @@ async def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_toke
             "p95_s": q[18]}  # fmt: skip
 
 
+async def latency_under_load(
+    url: str, long_jobs: list[tuple[str, str]], short_jobs: list[tuple[str, str]], long_tokens: int, short_tokens: int
+) -> dict:
+    """Short requests alone, then the same short requests arriving while long ones decode: their latencies."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=900)
+
+    async def ask(model: str, prompt: str, n: int) -> float:
+        start = time.perf_counter()
+        await client.chat.completions.create(model=model, max_tokens=n, temperature=0, extra_body={"ignore_eos": True},
+                                             messages=[{"role": "user", "content": prompt}])  # fmt: skip
+        return time.perf_counter() - start
+
+    alone = [await ask(m, p, short_tokens) for m, p in short_jobs]
+    longs = [asyncio.create_task(ask(m, p, long_tokens)) for m, p in long_jobs]
+    await asyncio.sleep(1.0)  # the long requests are decoding
+    loaded = []
+    for m, p in short_jobs:
+        loaded.append(await ask(m, p, short_tokens))
+        await asyncio.sleep(0.2)
+    long_s = await asyncio.gather(*longs)
+    await client.close()
+
+    def p95(xs: list[float]) -> float:
+        return statistics.quantiles(xs, n=20)[18] if len(xs) > 1 else xs[0]
+
+    return {"alone_p50_s": statistics.median(alone), "alone_p95_s": p95(alone),
+            "loaded_p50_s": statistics.median(loaded), "loaded_p95_s": p95(loaded), "long_s": max(long_s)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
@@ -84,7 +119,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-seconds", type=float, default=900, help="per policy; later requests are not sent")
-    ap.add_argument("--policies", default="mixed,per_adapter,switch")
+    ap.add_argument("--policies", default="continuous,static,per_adapter,switch")
+    ap.add_argument("--latency", action="store_true", help="short requests under long ones, instead of the load test")
+    ap.add_argument("--long-tokens", type=int, default=256)
+    ap.add_argument("--short-tokens", type=int, default=8)
     args = ap.parse_args()
 
     rows = json.loads((SHARED / "generalist/alpaca_gpt4_sample/alpaca_en_demo.json").read_text())
@@ -103,17 +141,26 @@ def main() -> None:
             for name, path in adapters.items():
                 engine.add_adapter(name, path)
             with running(cfg, engine) as url:
-                r = asyncio.run(load(url, jobs, args.concurrency, args.max_tokens,
-                                     time.perf_counter() + args.max_seconds))  # fmt: skip
+                if args.latency:
+                    r = asyncio.run(latency_under_load(url, jobs[: args.concurrency // 2], jobs[-8:], args.long_tokens,
+                                                       args.short_tokens))  # fmt: skip
+                else:
+                    r = asyncio.run(load(url, jobs, args.concurrency, args.max_tokens,
+                                         time.perf_counter() + args.max_seconds))  # fmt: skip
             model = engine.model.unload()  # the bare base again, for the next policy's engine
             results[policy] = r
-            print(
-                f"{policy:12s} {r['requests']:4d} req  {r['errors']} errors  {r['wall_s']:7.1f} s  "
-                f"{r['tok_s']:6.1f} tok/s  {r['req_s']:5.2f} req/s  p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s"
-            )
-    if "mixed" in results:
-        for other in results.keys() - {"mixed"}:
-            print(f"mixed vs {other}: {results['mixed']['tok_s'] / results[other]['tok_s']:.2f}x tokens/s")
+            if args.latency:
+                print(f"{policy:12s} short requests alone p50 {r['alone_p50_s']:.2f} s p95 {r['alone_p95_s']:.2f} s; "
+                      f"under {args.concurrency // 2} long requests p50 {r['loaded_p50_s']:.2f} s p95 "
+                      f"{r['loaded_p95_s']:.2f} s ({r['loaded_p95_s'] / r['alone_p95_s']:.1f}x); long ones took "
+                      f"{r['long_s']:.1f} s")  # fmt: skip
+            else:
+                print(f"{policy:12s} {r['requests']:4d} req  {r['errors']} errors  {r['wall_s']:7.1f} s  "
+                      f"{r['tok_s']:6.1f} tok/s  {r['req_s']:5.2f} req/s  p50 {r['p50_s']:.2f} s  "
+                      f"p95 {r['p95_s']:.2f} s")  # fmt: skip
+    if "continuous" in results and not args.latency:
+        for other in results.keys() - {"continuous"}:
+            print(f"continuous vs {other}: {results['continuous']['tok_s'] / results[other]['tok_s']:.2f}x tokens/s")
     print(json.dumps(results))
 
 

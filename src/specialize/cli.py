@@ -356,10 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from specialize.models import ModelLoadError
     from specialize.train.sft import TrainConfigError
 
-    # deprecations raised inside the libraries' own calls (transformers' cache and checkpointing APIs): the user
-    # cannot act on them, and one per decoding step buries the project's progress bars
-    for message in (r"`past_key_values` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    # a deprecation raised inside PEFT's own call into transformers: the user cannot act on it
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {

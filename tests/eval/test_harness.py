@@ -48,14 +48,14 @@ def tiny_adapter(tmp_path: Path, tiny_model_dir: Path) -> Path:
 def _scripted_paraphrases(monkeypatch, texts: list[tuple[str, str]]) -> None:
     """The model's rewrites of an instruction come from `texts` (text, finish_reason); answers stay real."""
     import specialize.generation
-    from specialize.generation import Completion
+    from specialize.generation import Output
 
     real, script = specialize.generation.generate, iter(texts)
 
     def generate(model, tokenizer, prompts, template, params, **kw):
         if "Rewrite the following task instruction" in prompts[0]:
             text, finish = next(script)
-            return [Completion(text, (), finish)]
+            return [Output(text, (), finish)]
         return real(model, tokenizer, prompts, template, params, **kw)
 
     monkeypatch.setattr(specialize.generation, "generate", generate)

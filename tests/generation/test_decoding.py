@@ -8,8 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from specialize.generation.decoding import contrastive, generate_mixture, marginalize, retrieval_weights
-from specialize.generation.hf import SamplingParams
+from specialize.generation import SamplingParams, contrastive, generate_mixture, marginalize, retrieval_weights
 from specialize.models import Precision
 
 FP32 = Precision(torch.float32, None)
@@ -98,5 +97,5 @@ def test_contrastive_generation_equals_naive_definition(tiny_model_dir, gpt2_sty
     contexts = [[tok("Classify the sentiment.")["input_ids"]], [tok("Why is the sky blue?")["input_ids"]]]
     tok_no_eos = _NoEos(tok)
     got = generate_mixture(model, tok_no_eos, contexts, [[1.0], [1.0]], SamplingParams(max_new_tokens=5),
-                           amateur=model.disable_adapter, alpha=0.1, precision=FP32)  # fmt: skip
+                           contrastive=0.1, precision=FP32)  # fmt: skip
     assert [list(d.token_ids) for d in got] == _naive(model, contexts, [[1.0], [1.0]], 5, model.disable_adapter, 0.1)

@@ -119,3 +119,52 @@ def test_admin_is_disabled_without_a_token_and_exposed_hosts_need_one(tiny_model
         status, err = post(url, "/admin/adapters", b'{"name": "x", "path": "/tmp"}', token=None)
         assert status == 403 and "disabled" in err["error"]["message"]
         assert client(url, key="anything").models.list().data[0].id == "base"
+
+
+def test_defects_found_by_a_new_user_are_400s_not_500s(server, tiny_adapters):
+    """A lone surrogate, an empty stop string, a NaN mix weight: OpenAI-shaped 400s, and nothing changes."""
+    status, err = post(server, "/v1/completions", b'{"model": "base", "prompt": "\\ud800 hi", "max_tokens": 2}')
+    assert status == 400 and err["error"]["param"] == "prompt" and "Unicode" in err["error"]["message"]
+    status, err = post(server, "/v1/completions", b'{"model": "base", "prompt": "hi", "stop": [""], "max_tokens": 2}')
+    assert status == 400 and "non-empty" in err["error"]["message"]
+    status, err = post(server, "/admin/adapters", b'{"name": "nan", "mix": {"alpha": NaN, "beta": 0.5}}')
+    assert status == 400 and "nan" not in {m.id for m in client(server).models.list().data}
+    # a corrupt adapter: 400, and the name can be registered afterwards
+    bad = tiny_adapters["alpha"].parent / "corrupt"
+    bad.mkdir(exist_ok=True)
+    (bad / "adapter_config.json").write_text((tiny_adapters["alpha"] / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    assert post(server, "/admin/adapters", json.dumps({"name": "g", "path": str(bad)}).encode())[0] == 400
+    good = {"name": "g", "path": str(tiny_adapters["alpha"])}
+    assert post(server, "/admin/adapters", json.dumps(good).encode())[0] == 200
+
+
+def test_health_is_open_liveness_only(server):
+    with urllib.request.urlopen(server + "/health", timeout=30) as r:
+        assert json.loads(r.read()) == {"status": "ok"}  # no adapter names without the token
+    status, _ = post(server, "/stats", None, token=None, method="GET")
+    assert status == 401
+    status, stats = post(server, "/stats", None, method="GET")
+    assert status == 200 and stats["models"] == ["base", "alpha", "beta"] and "mixed_steps" in stats
+
+
+def test_a_short_request_finishes_while_a_long_one_decodes(server):
+    """Continuous batching: the short request joins the running batch instead of waiting for its wave."""
+    import threading
+    import time
+
+    c = client(server)
+    done: dict[str, float] = {}
+
+    def long() -> None:
+        c.completions.create(model="alpha", prompt="Once upon a time", max_tokens=32, temperature=0.9, seed=1,
+                             stop=None)  # fmt: skip
+        done["long"] = time.monotonic()
+
+    t = threading.Thread(target=long)
+    t.start()
+    time.sleep(0.05)
+    c.completions.create(model="beta", prompt="Hi", max_tokens=1)
+    done["short"] = time.monotonic()
+    t.join(60)
+    assert done["short"] <= done["long"]

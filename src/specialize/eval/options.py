@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from specialize.generation.hf import left_pad
+from specialize.generation.loop import left_pad
 from specialize.models import Precision, inference_mode
 from specialize.prompts import encode_response
 
@@ -94,7 +94,7 @@ def _prefill(model, prompts, pad, device):
     cache = None
     if shared >= MIN_SHARED_PREFIX:
         head = torch.tensor([list(prompts[0][:shared])], device=device)
-        cache = model(input_ids=head, use_cache=True).past_key_values
+        cache = model(input_ids=head, use_cache=True).cache
         cache.batch_repeat_interleave(len(prompts))
     else:
         shared = 0
@@ -102,8 +102,8 @@ def _prefill(model, prompts, pad, device):
     mask = torch.cat([torch.ones(len(prompts), shared, dtype=tail_mask.dtype), tail_mask], dim=1)
     positions = (mask.cumsum(-1) - 1)[:, shared:].clamp(min=0)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                past_key_values=cache, use_cache=True)  # fmt: skip
-    return out.logits[:, -1], out.past_key_values, mask
+                cache=cache, use_cache=True)  # fmt: skip
+    return out.logits[:, -1], out.cache, mask
 
 
 def _score_batch(model, prompts, option_ids, pad, device) -> list[list[float]]:
@@ -137,7 +137,7 @@ def _score_rows(model, cache, mask, first_logp, rows, pad, device) -> list[float
         input_ids=opt.to(device),
         attention_mask=torch.cat([mask[owner], opt_mask], dim=1).to(device),
         position_ids=opt_positions.to(device),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     )
     later_logp = F.log_softmax(second.logits[:, :-1].float(), dim=-1)  # position j predicts token j + 1

@@ -14,17 +14,21 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from specialize.data import Turn
-from specialize.generation.hf import SamplingParams
+from specialize.generation.loop import Output
+from specialize.generation.params import SamplingParams
 from specialize.prompts import ChatTemplate, PromptTemplate, get_template
-from specialize.serve.engine import CombinationType, Engine, EngineError, Event
+from specialize.serve.engine import CombinationType, Engine, EngineError
 from specialize.serve.engine import Request as EngineRequest
+
+# How often a non-streaming request checks that its client is still there (a gone client's rows are cancelled).
+DISCONNECT_POLL_S = 0.25
 
 
 class Limits(BaseModel):
@@ -48,6 +52,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream_options: dict[str, Any] | None = None
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever the model says (benchmarks)
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -77,7 +82,7 @@ class AdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     path: str | None = None  # load from a directory ...
-    mix: dict[str, float] | None = None  # ... or combine loaded adapters: {name: weight}
+    mix: dict[str, Annotated[float, Field(allow_inf_nan=False)]] | None = None  # ... or combine: {name: weight}
     combination_type: CombinationType = "cat"
 
 
@@ -157,10 +162,19 @@ def build_app(
         if req.stream and req.n > 1:
             raise APIError(400, "streaming supports n=1 only", "invalid_request", "n")
         seed = None if req.seed is None else req.seed + seed_offset
-        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              stop=req.stops(), seed=seed)  # fmt: skip
+        try:
+            return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  stop=req.stops(), seed=seed, ignore_eos=req.ignore_eos)  # fmt: skip
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise APIError(400, f"{first['loc'][0]}: {first['msg']}", "invalid_request", "stop") from err
 
     def encode(text: str, *, special: bool) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON allows "\ud800"; no tokenizer can encode a lone surrogate
+            raise APIError(400, f"the prompt is not valid Unicode ({err.reason} at {err.start})", "invalid_request",
+                           "prompt") from err  # fmt: skip
         ids = engine.tokenizer(text, add_special_tokens=special)["input_ids"]
         if len(ids) > limits.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit "
@@ -192,39 +206,67 @@ def build_app(
             t = dataclasses.replace(template, system="\n".join(system))
         return t.render(turns[-1].content, "", history)
 
-    def submit(model: str, ids: list[int], p: SamplingParams) -> EngineRequest:
-        return engine.submit(EngineRequest(ids, model, p, asyncio.get_running_loop()))
+    def handles(model: str, jobs: list[tuple[list[int], SamplingParams]]) -> list[tuple[EngineRequest, Any]]:
+        """Submit every job of one HTTP request, all or none; each gets a queue its outputs arrive on."""
+        loop = asyncio.get_running_loop()
+        out = []
+        for ids, p in jobs:
+            queue: asyncio.Queue[Output] = asyncio.Queue()
+            out.append((engine.request(model, ids, p, lambda o, q=queue: loop.call_soon_threadsafe(q.put_nowait, o)),
+                        queue))  # fmt: skip
+        engine.submit(*(r for r, _ in out))
+        return out
 
-    async def collect(req: EngineRequest) -> Event:
+    async def collect(handle: tuple[EngineRequest, Any], http: Request) -> Output:
+        """The whole output of a request; cancelled as soon as the client goes away."""
+        req, queue = handle
         text = []
-        while True:
-            ev: Event = await req.events.get()
-            text.append(ev.text)
-            if ev.finish_reason:
-                if ev.finish_reason.startswith("error"):
-                    raise APIError(500, ev.finish_reason, "server_error")
-                return Event("".join(text), ev.finish_reason, ev.completion_tokens)
+        try:
+            while True:
+                try:
+                    out: Output = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        raise APIError(499, "the client closed the request", "client_closed") from None
+                    continue
+                text.append(out.text)
+                if out.error is not None:
+                    raise APIError(500, out.error, "server_error")
+                if out.finished:
+                    return Output("".join(text), tuple(req.tokens), out.finish_reason)
+        finally:
+            if req.result is None:
+                req.cancel()
+
+    async def gather(hs: list[tuple[EngineRequest, Any]], http: Request) -> list[Output]:
+        try:
+            return await asyncio.gather(*(collect(h, http) for h in hs))
+        finally:  # one failed or the client left: the others stop decoding too
+            for r, _ in hs:
+                if r.result is None:
+                    r.cancel()
 
     def sse(payload: dict[str, Any]) -> bytes:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
-    async def stream(req: EngineRequest, chunk, usage_of) -> AsyncIterator[bytes]:
+    async def stream(handle: tuple[EngineRequest, Any], chunk, usage_of) -> AsyncIterator[bytes]:
+        req, queue = handle
         try:
             while True:
-                ev: Event = await req.events.get()
-                if ev.finish_reason and ev.finish_reason.startswith("error"):
-                    yield sse({"error": {"message": ev.finish_reason, "type": "server_error"}})
+                out: Output = await queue.get()
+                if out.error is not None:
+                    yield sse({"error": {"message": out.error, "type": "server_error"}})
                     break
-                if ev.text or ev.finish_reason:
-                    yield sse(chunk(ev.text, ev.finish_reason))
-                if ev.finish_reason:
-                    usage = usage_of(ev.completion_tokens)
+                if out.text or out.finish_reason:
+                    yield sse(chunk(out.text, out.finish_reason))
+                if out.finish_reason:
+                    usage = usage_of(len(req.tokens))
                     if usage is not None:
                         yield sse(usage)
                     break
             yield b"data: [DONE]\n\n"
         finally:  # the client went away, or we are done: stop decoding this row either way
-            req.cancelled.set()
+            req.cancel()
 
     def usage(prompt: int, completion: int) -> dict[str, int]:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -233,7 +275,15 @@ def build_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "models": engine.model_names(), **engine.stats}
+        # liveness only, open without the token (load balancers probe it); what is served is behind the token
+        return {"status": "ok"}
+
+    @app.get("/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        authorize(request)  # like every endpoint but /health: behind the token when one is set
+        rows, tokens = engine.loop.in_flight()
+        return {"models": engine.model_names(), "waiting": len(engine.loop.waiting), "rows_in_flight": rows,
+                "tokens_in_flight": tokens, **engine.stats}  # fmt: skip
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
@@ -255,7 +305,7 @@ def build_app(
         if req.stream:
             if len(prompts) > 1:
                 raise APIError(400, "streaming supports one prompt at a time", "invalid_request", "prompt")
-            handle = submit(req.model, encoded[0], params(req, req.max_tokens, 0))
+            [handle] = handles(req.model, [(encoded[0], params(req, req.max_tokens, 0))])
             include = bool((req.stream_options or {}).get("include_usage"))
 
             def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -267,13 +317,13 @@ def build_app(
                         "usage": usage(len(encoded[0]), n)} if include else None  # fmt: skip
 
             return StreamingResponse(stream(handle, chunk, final), media_type="text/event-stream")
-        handles = [submit(req.model, ids, params(req, req.max_tokens, j)) for ids in encoded for j in range(req.n)]
-        results = await asyncio.gather(*(collect(h) for h in handles))
+        jobs = [(ids, params(req, req.max_tokens, j)) for ids in encoded for j in range(req.n)]
+        results = await gather(handles(req.model, jobs), request)
         choices = [{"text": (prompts[i // req.n] if req.echo else "") + r.text, "index": i, "logprobs": None,
                     "finish_reason": r.finish_reason} for i, r in enumerate(results)]  # fmt: skip
         n_prompt = sum(len(ids) for ids in encoded) * req.n
         return {"id": rid, "object": "text_completion", "created": now, "model": req.model, "choices": choices,
-                "usage": usage(n_prompt, sum(r.completion_tokens for r in results))}  # fmt: skip
+                "usage": usage(n_prompt, sum(len(r.token_ids) for r in results))}  # fmt: skip
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Any:
@@ -285,7 +335,7 @@ def build_app(
         max_tokens = req.max_completion_tokens or req.max_tokens
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            handle = submit(req.model, ids, params(req, max_tokens, 0))
+            [handle] = handles(req.model, [(ids, params(req, max_tokens, 0))])
             include = bool((req.stream_options or {}).get("include_usage"))
             first = [True]
 
@@ -300,12 +350,11 @@ def build_app(
                         "choices": [], "usage": usage(len(ids), n)} if include else None  # fmt: skip
 
             return StreamingResponse(stream(handle, chunk, final), media_type="text/event-stream")
-        handles = [submit(req.model, ids, params(req, max_tokens, j)) for j in range(req.n)]
-        results = await asyncio.gather(*(collect(h) for h in handles))
+        results = await gather(handles(req.model, [(ids, params(req, max_tokens, j)) for j in range(req.n)]), request)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]  # fmt: skip
         return {"id": rid, "object": "chat.completion", "created": now, "model": req.model, "choices": choices,
-                "usage": usage(len(ids) * req.n, sum(r.completion_tokens for r in results))}  # fmt: skip
+                "usage": usage(len(ids) * req.n, sum(len(r.token_ids) for r in results))}  # fmt: skip
 
     @app.get("/admin/adapters")
     async def adapters(request: Request) -> dict[str, Any]:

@@ -10,12 +10,13 @@ import ipaddress
 import os
 import threading
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from specialize import models
 from specialize.config import BASE, ConfigError, ModelConfig, TemplateName
+from specialize.generation.loop import Policy
 from specialize.serve.api import Limits, build_app
 from specialize.serve.engine import Engine
 
@@ -36,10 +37,12 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     token: str | None = Field(None, description=f"bearer token (default: ${TOKEN_ENV}); required off loopback")
-    max_batch_size: int = Field(16, ge=1)
+    max_batch_size: int = Field(16, ge=1, description="rows decoded together (requests join as others finish)")
+    max_tokens_in_flight: int | None = Field(None, ge=1, description="bound on prompt + generated tokens in flight")
+    prefill_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per step; longer prompts in chunks")
     batch_wait_ms: float = Field(5.0, ge=0)
     max_pending: int = Field(256, ge=1)
-    policy: Literal["mixed", "per_adapter"] = "mixed"
+    policy: Policy = Field("continuous", description="static and per_adapter waves: comparison points only")
     limits: Limits = Limits()
 
 
@@ -62,6 +65,7 @@ def resolve_token(cfg: ServeConfig) -> str | None:
 def build_engine(cfg: ServeConfig) -> Engine:
     rt = models.load_runtime(cfg.model, template=cfg.template)
     engine = Engine(rt.model, rt.tokenizer, base_name=cfg.base_name, max_batch_size=cfg.max_batch_size,
+                    max_tokens=cfg.max_tokens_in_flight, prefill_tokens=cfg.prefill_tokens,
                     batch_wait_ms=cfg.batch_wait_ms, max_pending=cfg.max_pending, policy=cfg.policy,
                     precision=rt.precision, base_template=rt.template, template_override=cfg.template)  # fmt: skip
     for name, path in cfg.adapters.items():

@@ -4,9 +4,10 @@
 
 Resumable by construction. Every model call writes one JSON line to an append-only log (instruction batches
 to `instructions.log.jsonl`, response batches to `responses.log.jsonl`), and each batch is a pure function of
-(config, batch index): its demos and its sampling seed derive from them. A rerun replays the logs (a line
-cut off by a kill is dropped), rebuilds the filtered pool exactly, and continues with the next batch, so the
-final `data.jsonl` equals an uninterrupted run's. The output directory is keyed by a hash of the config
+(config, batch index): its demos and its sampling seed derive from them (prompt p samples with the batch's
+seed + p, on its own generator). A rerun replays the logs (a line cut off by a kill is dropped), rebuilds the
+filtered pool exactly, and continues with the next batch, so the final `data.jsonl` equals an uninterrupted
+run's. The output directory is keyed by a hash of the config
 (model, adapter, prompts, sampling parameters): reusing it with another config is refused.
 """
 
@@ -24,8 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from specialize import models
 from specialize.config import ConfigError, ModelConfig, Retrieval
 from specialize.data import Example, read_records, write_jsonl
-from specialize.generation.decoding import generate_mixture, retrieval_weights
-from specialize.generation.hf import SamplingParams
+from specialize.generation import SamplingParams, generate_mixture, retrieval_weights
 from specialize.hashing import file_sha256, fingerprint
 from specialize.io import append_log, atomic_write_text, read_log
 from specialize.prompts import encode_prompt
@@ -151,7 +151,8 @@ class Pool:
                 self.items.append({
                     "id": f"it{self.cfg.iteration}-b{record['batch']:04d}-p{p:02d}-i{i:02d}",
                     "instruction": item.instruction, "input": item.input, "demo_ids": out["demo_ids"],
-                    "batch": record["batch"], "sampling_seed": record["sampling_seed"], "generated_at": record["time"],
+                    "batch": record["batch"], "sampling_seed": record["sampling_seed"] + p,
+                    "generated_at": record["time"],
                 })  # fmt: skip
 
     @property
@@ -159,11 +160,14 @@ class Pool:
         return len(self.items) >= self.cfg.num
 
 
-def _amateur(model: Any, cfg: SynthConfig):
-    """The base model as contrastive 'amateur': the same weights with the adapter switched off."""
-    if not (cfg.adapter and cfg.contrastive):
-        return None
-    return model.disable_adapter
+def _contrastive(cfg: SynthConfig) -> float | None:
+    """Eq. 3's alpha when generating with the specialist against the base (its adapter switched off)."""
+    return cfg.alpha if cfg.adapter and cfg.contrastive else None
+
+
+def _seeded(params: SamplingParams, seed: int, n: int) -> list[SamplingParams]:
+    """Each of a batch's n requests samples with its own seed: the batch's seed + its position."""
+    return [params.model_copy(update={"seed": seed + i}) for i in range(n)]
 
 
 def generate_instructions(cfg: SynthConfig, rt: models.Runtime, seeds: list[Example], out: Path, progress) -> Pool:
@@ -181,9 +185,9 @@ def generate_instructions(cfg: SynthConfig, rt: models.Runtime, seeds: list[Exam
         demos, sampling_seed = _batch_plan(cfg, seeds, batch)
         prompts = [instruction_prompt(cfg.domain, d, cfg.list_size, template_text, cfg.demo_input_words) for d in demos]
         ids = [[rt.tokenizer(p)["input_ids"]] for p in prompts]  # raw text continuation: no chat/Alpaca wrapper
-        params = cfg.instruction_sampling.model_copy(update={"seed": sampling_seed})
+        params = _seeded(cfg.instruction_sampling, sampling_seed, len(ids))
         decoded = generate_mixture(rt.model, rt.tokenizer, ids, [[1.0]] * len(ids), params,
-                                   amateur=_amateur(rt.model, cfg), alpha=cfg.alpha,
+                                   contrastive=_contrastive(cfg),
                                    precision=rt.precision)  # fmt: skip
         record = {
             "batch": batch, "sampling_seed": sampling_seed, "time": time.time(),
@@ -223,14 +227,14 @@ def generate_responses(cfg: SynthConfig, rt: models.Runtime, pool: Pool, out: Pa
             )
             weights.append(retrieval_weights([h.score for h in hs]) if hs else [1.0])
         seed = random.Random(f"{cfg.seed}:responses:{items[0]['id']}").randrange(2**31)
-        params = cfg.response_sampling.model_copy(update={"seed": seed})
-        decoded = generate_mixture(rt.model, rt.tokenizer, contexts, weights, params, amateur=_amateur(rt.model, cfg),
-                                   alpha=cfg.alpha, precision=rt.precision)  # fmt: skip
+        params = _seeded(cfg.response_sampling, seed, len(items))
+        decoded = generate_mixture(rt.model, rt.tokenizer, contexts, weights, params, contrastive=_contrastive(cfg),
+                                   precision=rt.precision)  # fmt: skip
         record = {"time": time.time(), "items": [
             {"id": it["id"], "output": o.text.strip(),
              "finish_reason": o.finish_reason, "docs": [h.doc_id for h in hs],
-             "doc_scores": [h.score for h in hs], "weights": w, "sampling_seed": seed}
-            for it, o, hs, w in zip(items, decoded, hits, weights, strict=True)]}  # fmt: skip
+             "doc_scores": [h.score for h in hs], "weights": w, "sampling_seed": p.seed}
+            for it, o, hs, w, p in zip(items, decoded, hits, weights, params, strict=True)]}  # fmt: skip
         append_log(log, record)
         for r in record["items"]:
             done[r["id"]] = {**r, "generated_at": record["time"]}

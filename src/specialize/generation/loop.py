@@ -1,0 +1,551 @@
+"""The one token loop. Every text the project decodes goes through it: `specialize generate`, evaluation,
+paraphrases, synth instructions, eq. 2 mixtures over retrieved documents, eq. 3 contrastive decoding, and
+the server.
+
+A `Request` is one continuation. It owns k >= 1 rows (its contexts, whose next-token distributions are mixed
+with its weights, eq. 2) and, for contrastive decoding, k more rows of the same contexts read by the base
+model (the adapter switched off, eq. 3). All rows of all running requests share one left-padded KV cache and
+step together, each row with its own LoRA (PEFT's per-row `adapter_names`), so a batch mixes specialists.
+
+Iteration-level (continuous) batching: each `step()` first prefills waiting requests (at most
+`prefill_tokens` prompt tokens; a longer prompt is prefilled in chunks over several steps, so it never stalls
+running rows for long), merges them into the running batch, then decodes one token for every running request.
+A finished or cancelled request leaves at once. `max_rows` and `max_tokens` bound what is in flight.
+`policy="static"` (waves: admit only into an empty batch) exists as the comparison point of the benchmark.
+
+Sampling is per request, with its own seeded generator: the same parameters and seed give the same text
+wherever the request runs. Text is detokenized incrementally and stop strings are checked on the new text
+only (linear in length); streamed text holds back a partial UTF-8 character and a possible stop-string prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from specialize.generation.params import SamplingParams
+from specialize.models import Precision, inference_mode
+
+FinishReason = Literal["stop", "length", "cancelled"]
+Policy = Literal["continuous", "static", "per_adapter"]
+PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a request produced: streamed deltas carry the new text, the last one its finish reason (or an error,
+    in its own field); `generate` returns one whole Output per prompt."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+# ---------------------------------------------------------------------------------------------- decoding rules
+
+
+def marginalize(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: log sum_j w_j p_j(.) for logprobs [B, k, V] and weights [B, k] (each row sums to 1)."""
+    return torch.logsumexp(logprobs + torch.log(weights).unsqueeze(-1), dim=1)
+
+
+def contrastive(expert: torch.Tensor, amateur: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+    """Eq. 3: log p_expert - log p_amateur over the tokens the expert finds plausible
+    (p_expert >= alpha * max p_expert); the others get -inf."""
+    cutoff = expert.max(dim=-1, keepdim=True).values + math.log(alpha)
+    return torch.where(expert >= cutoff, expert - amateur, torch.full_like(expert, float("-inf")))
+
+
+def retrieval_weights(scores: Sequence[float]) -> list[float]:
+    """p_ret(d_j | x) of eq. 2: retrieval scores normalized to sum to one (uniform when all are zero)."""
+    total = sum(max(0.0, s) for s in scores)
+    if total <= 0:
+        return [1.0 / len(scores)] * len(scores)
+    return [max(0.0, s) / total for s in scores]
+
+
+def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Greedy (temperature 0) or top-p sampling from scores [V] (log-probabilities or any logits)."""
+    if params.temperature == 0:
+        return int(scores.argmax())
+    probs = F.softmax(scores.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < params.top_p  # the smallest set reaching top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, torch.where(keep, sorted_p, torch.zeros_like(sorted_p)))
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def held_back(text: str, stop: Sequence[str]) -> int:
+    """Characters at the end of `text` that may start a stop string, so must not be streamed yet."""
+    hold = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+class TextStream:
+    """Incremental detokenization with stop strings. Each token decodes a window of a few tokens (the last
+    complete characters and what follows), so the cost is linear in length; a token that ends inside a UTF-8
+    character is held until the character is complete."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""  # complete characters so far (cut before a stop string once one appears)
+        self.stopped = False
+        self.emitted = 0  # characters already streamed
+        self._prefix = 0  # the window [prefix, read) decodes to the text's last piece; [prefix, end) to it + new
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._extend(after[len(before) :])
+            self._prefix, self._read = self._read, len(self.ids)
+
+    def flush(self) -> None:
+        """At the end: whatever is held back (an incomplete character decodes as U+FFFD, as a full decode does)."""
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) > len(before):
+            self._extend(after[len(before) :])
+        self._prefix = self._read = len(self.ids)
+
+    def _extend(self, new: str) -> None:
+        if self.stopped:
+            return
+        start = max(0, len(self.text) - self.longest + 1)  # a stop string may begin in the old text
+        self.text += new
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+
+    def delta(self, final: bool) -> str:
+        end = len(self.text) if final else len(self.text) - held_back(self.text, self.stop)
+        out = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+@dataclass(eq=False)
+class Request:
+    """One continuation. `contexts`: k >= 1 prompts (token ids) mixed with `weights` (eq. 2; default: one
+    context). `adapter`: the PEFT adapter of its rows (None: the model as it is). `contrastive`: the alpha of
+    eq. 3 against the base model, or None. `on_output` receives streamed deltas and the final output (from the
+    loop's thread)."""
+
+    contexts: list[list[int]]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    weights: list[float] | None = None
+    adapter: str | None = None
+    contrastive: float | None = None
+    on_output: Callable[[Output], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # decoding state, owned by the loop
+    tokens: list[int] = field(default_factory=list)
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+    result: Output | None = None
+
+    def __post_init__(self) -> None:
+        if not self.contexts or any(not c for c in self.contexts):
+            raise ValueError("a request needs at least one non-empty context")
+        if self.weights is None:
+            self.weights = [1.0 / len(self.contexts)] * len(self.contexts)
+        if len(self.weights) != len(self.contexts) or not all(math.isfinite(w) and w > 0 for w in self.weights):
+            raise ValueError("one positive, finite weight per context")
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.contexts) * (2 if self.contrastive is not None else 1)
+
+    def row_prompts(self) -> list[tuple[list[int], str | None]]:
+        """(prompt, adapter) of each row: the expert rows, then (contrastive) the same contexts on the base."""
+        rows = [(c, self.adapter) for c in self.contexts]
+        if self.contrastive is not None:
+            rows += [(c, PEFT_BASE) for c in self.contexts]
+        return rows
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    @property
+    def cost(self) -> int:
+        """Tokens it may hold in the cache: every row's prompt plus the tokens it may generate."""
+        return sum(len(c) for c, _ in self.row_prompts()) + self.n_rows * self.params.max_new_tokens
+
+
+# ---------------------------------------------------------------------------------------------- the batch
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _cache_layers(cache: Any) -> list[Any]:
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(not hasattr(layer, "keys") for layer in layers):
+        raise TypeError(f"the token loop needs a DynamicCache of key/value layers, got {type(cache).__name__}")
+    return layers
+
+
+def _pad_cache_left(cache: Any, width: int) -> None:
+    for layer in _cache_layers(cache):
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            if t.shape[2] < width:
+                pad = t.new_zeros((*t.shape[:2], width - t.shape[2], t.shape[3]))
+                setattr(layer, name, torch.cat([pad, t], dim=2))
+
+
+@dataclass
+class _Rows:
+    """Rows stepping together: one KV cache, the attention mask over it, each row's next position and its
+    current next-token log-probabilities."""
+
+    cache: Any
+    mask: torch.Tensor  # [R, T]
+    next_pos: torch.Tensor  # [R]
+    logp: torch.Tensor  # [R, V]
+    adapters: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def merge(self, other: _Rows) -> None:
+        """Append `other`'s rows (their cache left-padded, or ours, to the same width)."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for rows in (self, other):
+            _pad_cache_left(rows.cache, width)
+            if rows.mask.shape[1] < width:
+                rows.mask = torch.cat([rows.mask.new_zeros((len(rows), width - rows.mask.shape[1])), rows.mask], 1)
+        for mine, theirs in zip(_cache_layers(self.cache), _cache_layers(other.cache), strict=True):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self.mask = torch.cat([self.mask, other.mask])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.logp = torch.cat([self.logp, other.logp])
+        self.adapters += other.adapters
+
+    def keep(self, index: list[int]) -> None:
+        """Only the rows at `index`, in that order; columns every remaining row pads are dropped."""
+        idx = torch.tensor(index, dtype=torch.long)
+        mask = self.mask[idx]
+        live = mask.any(dim=0).nonzero()
+        start = int(live[0]) if len(live) else mask.shape[1]
+        for layer in _cache_layers(self.cache):
+            layer.keys = layer.keys[idx.to(layer.keys.device), :, start:]
+            layer.values = layer.values[idx.to(layer.values.device), :, start:]
+        self.mask = mask[:, start:]
+        self.next_pos = self.next_pos[idx]
+        self.logp = self.logp[idx]
+        self.adapters = [self.adapters[i] for i in index]
+
+
+@dataclass
+class _Prefill:
+    """Requests being prefilled together: their rows left-padded to one width, fed `cols` columns so far."""
+
+    requests: list[Request]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    adapters: list[str | None]
+    cols: int = 0
+    cache: Any = None
+    last: torch.Tensor | None = None  # last-position logits
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+class TokenLoop:
+    """Owns a model for decoding. `submit` from any thread; `step` (or `run`) from one thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        precision: Precision | None = None,
+        *,
+        max_rows: int = 64,
+        max_tokens: int | None = None,
+        prefill_tokens: int = 512,
+        policy: Policy = "continuous",
+    ):
+        if max_rows < 1 or prefill_tokens < 1:
+            raise ValueError("max_rows and prefill_tokens must be >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.precision = precision or Precision.of(model)
+        self.device = next(model.parameters()).device
+        self.max_rows = max_rows
+        self.max_tokens = max_tokens
+        self.prefill_tokens = prefill_tokens
+        self.policy = policy
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()  # guards `waiting`
+        self.prefilling: _Prefill | None = None
+        self.running: list[Request] = []
+        self.rows: _Rows | None = None
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_rows": 0, "mixed_steps": 0}
+
+    # ---------------------------------------------------------------------------------- admission
+
+    def submit(self, *requests: Request) -> None:
+        """Queue requests (all or none: a request that can never fit is refused before any is queued)."""
+        for r in requests:
+            if r.n_rows > self.max_rows:
+                raise ValueError(f"a request of {r.n_rows} rows cannot fit in max_rows={self.max_rows}")
+            if self.max_tokens is not None and r.cost > self.max_tokens:
+                raise ValueError(f"a request of up to {r.cost} tokens cannot fit in max_tokens={self.max_tokens}")
+        for r in requests:
+            r.stream = TextStream(self.tokenizer, r.params.stop)
+            r.generator = torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else None
+        with self.lock:
+            self.waiting.extend(requests)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def in_flight(self) -> tuple[int, int]:
+        """(rows, tokens) of the requests being prefilled or decoded."""
+        reqs = self.running + (self.prefilling.requests if self.prefilling else [])
+        return sum(r.n_rows for r in reqs), sum(r.cost for r in reqs)
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests that fit now, in arrival order (static waves: only into an empty batch)."""
+        if self.policy != "continuous" and (self.running or self.prefilling):
+            return []
+        rows, tokens = self.in_flight()
+        taken: list[Request] = []
+        prompts: list[tuple[list[int], str | None]] = []
+        width, budget = 0, self.prefill_tokens
+        with self.lock:
+            while self.waiting:
+                r = self.waiting[0]
+                if r.cancelled.is_set():
+                    self.waiting.popleft()
+                    self._finish(r, "cancelled")
+                    continue
+                if self.policy == "per_adapter" and taken and r.adapter != taken[0].adapter:
+                    break
+                if rows + r.n_rows > self.max_rows:
+                    break
+                if self.max_tokens is not None and tokens + r.cost > self.max_tokens:
+                    break
+                new_width = max(width, *(len(c) for c in r.contexts))
+                # prefill several requests at once only while their padded prompts fit one step's budget;
+                # static waves take the whole wave (their prefill is chunked by columns all the same)
+                if taken and self.policy == "continuous" and new_width * (len(prompts) + r.n_rows) > budget:
+                    break
+                taken.append(self.waiting.popleft())
+                prompts += r.row_prompts()
+                rows, tokens, width = rows + r.n_rows, tokens + r.cost, new_width
+        return taken
+
+    # ---------------------------------------------------------------------------------- the model
+
+    @contextlib.contextmanager
+    def _adapter_kwargs(self, adapters: list[str | None]) -> Iterator[dict[str, Any]]:
+        """Per-row LoRA: nothing for a plain model or when every row uses the model as it is; the adapter
+        switched off when every row reads the base; else PEFT's per-row `adapter_names`."""
+        if not hasattr(self.model, "peft_config") or all(a is None for a in adapters):
+            yield {}
+        elif all(a == PEFT_BASE for a in adapters):
+            with self.model.disable_adapter():
+                yield {}
+        else:
+            active = self.model.active_adapter
+            names = [a if a is not None else active for a in adapters]
+            self.stats["mixed_steps"] += len(set(names)) > 1
+            yield {"adapter_names": names}
+
+    def _forward(self, adapters: list[str | None], **inputs: Any) -> Any:
+        with self._adapter_kwargs(adapters) as kwargs:
+            inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            return self.model(**inputs, use_cache=True, **kwargs)
+
+    def _prefill_step(self) -> None:
+        """Feed the current prefill job at most `prefill_tokens` tokens; when done, its rows join the batch."""
+        if self.prefilling is None:
+            taken = self._admit()
+            if not taken:
+                return
+            prompts = [row for r in taken for row in r.row_prompts()]
+            ids, mask = left_pad([p for p, _ in prompts], self.pad)
+            self.prefilling = _Prefill(taken, ids, mask, [a for _, a in prompts])
+        job = self.prefilling
+        n_rows, width = job.ids.shape
+        cols = max(1, self.prefill_tokens // n_rows)
+        lo, hi = job.cols, min(job.cols + cols, width)
+        positions = (job.mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(job.adapters, input_ids=job.ids[:, lo:hi], attention_mask=job.mask[:, :hi],
+                            position_ids=positions[:, lo:hi], cache=job.cache, logits_to_keep=1)  # fmt: skip
+        job.cache, job.cols, job.last = out.cache, hi, out.logits[:, -1]
+        self.stats["prefill_tokens"] += int(job.mask[:, lo:hi].sum())
+        if job.cols < width:
+            return
+        new = _Rows(job.cache, job.mask, job.mask.sum(-1), F.log_softmax(job.last.float(), -1), job.adapters)
+        if self.rows is None:
+            self.rows = new
+        else:
+            self.rows.merge(new)
+        self.running += job.requests
+        self.prefilling = None
+
+    def _scores(self, r: Request, logp: torch.Tensor) -> torch.Tensor:
+        """The request's next-token scores [V] from its rows' log-probabilities [n_rows, V]."""
+        k = len(r.contexts)
+        w = torch.tensor([r.weights], dtype=torch.float32)
+        expert = logp[:k][None] if k > 1 else None
+        scores = marginalize(expert, w)[0] if expert is not None else logp[0]
+        if r.contrastive is not None:
+            amateur = marginalize(logp[k:][None], w)[0] if k > 1 else logp[k]
+            scores = contrastive(scores[None], amateur[None], r.contrastive)[0]
+        return scores
+
+    def _decode_step(self) -> None:
+        """Choose every running request's next token, retire the finished, and run one forward for the rest."""
+        if not self.running or self.rows is None:
+            return
+        keep_rows: list[int] = []
+        tokens: list[int] = []
+        still: list[Request] = []
+        start = 0
+        for r in self.running:
+            span = range(start, start + r.n_rows)
+            start += r.n_rows
+            if r.cancelled.is_set():
+                self._finish(r, "cancelled")
+                continue
+            token = choose(self._scores(r, self.rows.logp[span.start : span.stop]), r.params, r.generator)
+            if self._advance(r, token):
+                continue
+            still.append(r)
+            keep_rows += span
+            tokens += [token] * r.n_rows
+        self.running = still
+        if len(keep_rows) != len(self.rows):
+            if not keep_rows:
+                self.rows = None
+                return
+            self.rows.keep(keep_rows)
+        rows = self.rows
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows), 1))], dim=1)
+        out = self._forward(rows.adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=rows.mask,
+                            position_ids=rows.next_pos[:, None], cache=rows.cache)  # fmt: skip
+        rows.cache, rows.next_pos = out.cache, rows.next_pos + 1
+        rows.logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self.stats["decode_rows"] += len(rows)
+
+    def _advance(self, r: Request, token: int) -> bool:
+        """Take one token; stream the text that is final; True when the request is over."""
+        assert r.stream is not None
+        finish: FinishReason | None = None
+        if token == self.eos and not r.params.ignore_eos:
+            finish = "stop"
+        else:
+            r.tokens.append(token)
+            r.stream.push(token)
+            if r.stream.stopped:
+                finish = "stop"
+            elif len(r.tokens) >= r.params.max_new_tokens:
+                finish = "length"
+        if finish is not None:
+            self._finish(r, finish)
+            return True
+        if r.on_output is not None and (delta := r.stream.delta(final=False)):
+            r.on_output(Output(delta, (token,)))
+        return False
+
+    def _finish(self, r: Request, finish: FinishReason | None, error: str | None = None) -> None:
+        stream = r.stream or TextStream(self.tokenizer, r.params.stop)
+        if finish != "cancelled" and error is None:
+            stream.flush()
+        r.result = Output(stream.text, tuple(r.tokens), finish, error)
+        if r.on_output is not None:
+            r.on_output(Output(stream.delta(final=True) if error is None else "", tuple(r.tokens), finish, error))
+
+    # ---------------------------------------------------------------------------------- driving
+
+    def step(self) -> None:
+        """One iteration: prefill (bounded), then one decode step for every running request."""
+        self.stats["steps"] += 1
+        with inference_mode(self.model, self.precision, self.device):
+            self._prefill_step()
+            self._decode_step()
+
+    def run(self) -> None:
+        while self.busy:
+            self.step()
+
+    def fail_all(self, error: str, only: Callable[[Request], bool] | None = None) -> None:
+        """End requests (all, or those `only` selects) with an error; the others go on."""
+        with self.lock:
+            waiting = list(self.waiting)
+            self.waiting = deque(r for r in waiting if only is not None and not only(r))
+        for r in waiting:
+            if only is None or only(r):
+                self._finish(r, None, error)
+        if self.prefilling is not None and (only is None or any(only(r) for r in self.prefilling.requests)):
+            for r in self.prefilling.requests:  # a shared prefill cannot lose some of its rows: redo the others
+                if only is None or only(r):
+                    self._finish(r, None, error)
+                else:
+                    with self.lock:
+                        self.waiting.appendleft(r)
+            self.prefilling = None
+        if self.running and self.rows is not None:
+            keep, still, start = [], [], 0
+            for r in self.running:
+                span = list(range(start, start + r.n_rows))
+                start += r.n_rows
+                if only is None or only(r):
+                    self._finish(r, None, error)
+                else:
+                    keep += span
+                    still.append(r)
+            self.running = still
+            if keep:
+                self.rows.keep(keep)
+            else:
+                self.rows = None

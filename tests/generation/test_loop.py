@@ -1,0 +1,158 @@
+"""The one token loop: continuous batching, chunked prefill, incremental text and stop strings, seeds, and
+that every consumer goes through it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import torch
+
+from specialize.generation import Output, Request, SamplingParams, TokenLoop, generate
+from specialize.generation.loop import TextStream, held_back
+from specialize.models import Precision
+from specialize.prompts import AlpacaTemplate
+
+FP32 = Precision(torch.float32, None)
+SRC = Path(__file__).resolve().parents[2] / "src" / "specialize"
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text)["input_ids"]
+
+
+def test_a_short_request_submitted_mid_way_finishes_before_the_long_one(tiny_model, gpt2_style_tokenizer):
+    loop = TokenLoop(tiny_model, gpt2_style_tokenizer, FP32, max_rows=4)
+    long = Request([_ids(gpt2_style_tokenizer, "Once upon a time")], SamplingParams(max_new_tokens=120))
+    loop.submit(long)
+    for _ in range(10):
+        loop.step()
+    assert long.result is None and len(long.tokens) >= 5
+    short = Request([_ids(gpt2_style_tokenizer, "Hi")], SamplingParams(max_new_tokens=2))
+    loop.submit(short)
+    steps = 0
+    while short.result is None:
+        loop.step()
+        steps += 1
+    assert steps <= 3 and long.result is None  # it joined the running batch; nobody waited for a wave
+    loop.run()
+    assert long.result is not None and long.result.finish_reason == "length"
+
+
+def test_static_waves_make_the_short_request_wait(tiny_model, gpt2_style_tokenizer):
+    """The comparison point: with static waves the short request starts only when the long one is done."""
+    loop = TokenLoop(tiny_model, gpt2_style_tokenizer, FP32, max_rows=4, policy="static")
+    long = Request([_ids(gpt2_style_tokenizer, "Once upon a time")], SamplingParams(max_new_tokens=30))
+    loop.submit(long)
+    loop.step()
+    short = Request([_ids(gpt2_style_tokenizer, "Hi")], SamplingParams(max_new_tokens=2))
+    loop.submit(short)
+    while short.result is None:
+        loop.step()
+    assert long.result is not None
+
+
+def test_chunked_prefill_and_joining_rows_decode_exactly_as_one_batch(tiny_model, gpt2_style_tokenizer):
+    tok = gpt2_style_tokenizer
+    prompts = ["Classify the sentiment of this long review please, it is long.", "Why?", "A B C D E F G H"]
+    params = SamplingParams(max_new_tokens=10)
+    whole = generate(tiny_model, tok, [AlpacaTemplate().render(p) for p in prompts], AlpacaTemplate(), params,
+                     precision=FP32)  # fmt: skip
+    loop = TokenLoop(tiny_model, tok, FP32, max_rows=8, prefill_tokens=7)  # every prompt prefilled in chunks
+    reqs = [Request([_ids(tok, AlpacaTemplate().render(p))], params) for p in prompts]
+    loop.submit(reqs[0])
+    loop.step()
+    loop.step()
+    loop.submit(*reqs[1:])
+    loop.run()
+    assert [r.result.token_ids for r in reqs] == [o.token_ids for o in whole]
+
+
+def test_cancelled_rows_leave_at_once_and_the_others_go_on(tiny_model, gpt2_style_tokenizer):
+    loop = TokenLoop(tiny_model, gpt2_style_tokenizer, FP32, max_rows=4)
+    a, b = (Request([_ids(gpt2_style_tokenizer, t)], SamplingParams(max_new_tokens=50)) for t in ("One", "Two"))
+    loop.submit(a, b)
+    loop.step()
+    loop.step()
+    a.cancel()
+    loop.step()
+    assert a.result is not None and a.result.finish_reason == "cancelled" and len(loop.running) == 1
+    loop.run()
+    assert b.result is not None and b.result.finish_reason == "length"
+
+
+def test_text_stream_is_incremental_and_exact(embedded):
+    """Deltas joined equal a full decode, with multi-byte characters split over tokens; a stop string cuts."""
+    _, tok = embedded
+    text = "Café 東京 — naïve 🙂 résumé, then ### the end"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok, ())
+    parts = []
+    for t in ids:
+        stream.push(t)
+        parts.append(stream.delta(final=False))
+        assert "\ufffd" not in parts[-1]  # half a character is never streamed
+    stream.flush()
+    parts.append(stream.delta(final=True))
+    assert "".join(parts) == tok.decode(ids, skip_special_tokens=True)
+
+    stream = TextStream(tok, ("###",))
+    parts = []
+    for t in ids:
+        stream.push(t)
+        parts.append(stream.delta(final=False))
+        if stream.stopped:
+            break
+    parts.append(stream.delta(final=True))
+    assert "".join(parts) == text[: text.index("###")] and stream.stopped
+    assert not any(p.endswith("#") for p in parts)  # a possible stop prefix is held back
+
+
+def test_held_back_covers_partial_stops():
+    assert held_back("hello ##", ("###",)) == 2
+    assert held_back("hello #", ("###", "END")) == 1
+    assert held_back("hello E", ("###", "END")) == 1
+    assert held_back("hello", ("###",)) == 0
+
+
+def test_a_seeded_request_gives_the_same_text_offline_and_in_the_server(tiny_model_dir):
+    from specialize.config import ModelConfig
+    from specialize.models import load_runtime
+    from specialize.serve.engine import Engine, collect
+
+    rt = load_runtime(ModelConfig(spec=str(tiny_model_dir), dtype="float32"))
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=11)
+    prompt = AlpacaTemplate().render("Tell a story.")
+    [offline] = generate(rt.model, rt.tokenizer, [prompt], AlpacaTemplate(), params, precision=rt.precision)
+    engine = Engine(rt.model, rt.tokenizer, precision=rt.precision).start()
+    try:
+        others = [engine.request("base", _ids(rt.tokenizer, "Other prompt"), params.model_copy(update={"seed": 3}))]
+        req = engine.request("base", rt.tokenizer(prompt)["input_ids"], params)
+        engine.submit(*others, req)
+        [served] = collect([req], timeout=60)
+    finally:
+        engine.stop()
+    assert served.text == offline.text and served.token_ids == offline.token_ids
+    again = generate(rt.model, rt.tokenizer, [prompt], AlpacaTemplate(), params.model_copy(update={"seed": 12}),
+                     precision=rt.precision)[0]  # fmt: skip
+    assert again.token_ids != offline.token_ids  # the seed matters
+
+
+def test_every_consumer_decodes_through_the_one_loop():
+    """No decoding loop outside generation/loop.py: no transformers `generate`, no hand-written step loop."""
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "generate" and isinstance(node.ctx, ast.Load):
+                owner = ast.unparse(node.value)
+                assert owner in ("specialize.generation",), f"{path}: {owner}.generate bypasses the token loop"
+        if path.name != "loop.py":
+            assert "TokenLoop(" not in path.read_text() or path.name in ("batch.py", "engine.py"), path
+    for consumer in ("eval/harness.py", "synth/pipeline.py", "cli.py", "serve/engine.py"):
+        assert "specialize.generation" in (SRC / consumer).read_text(), consumer
+
+
+def test_outputs_are_one_typed_result(tiny_model, gpt2_style_tokenizer):
+    [out] = generate(tiny_model, gpt2_style_tokenizer, ["Go."], AlpacaTemplate(), SamplingParams(max_new_tokens=3),
+                     precision=FP32)  # fmt: skip
+    assert isinstance(out, Output) and out.error is None and out.finish_reason in ("stop", "length")
