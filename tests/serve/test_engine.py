@@ -47,7 +47,7 @@ def hf_reference(engine: Engine, adapter: str, prompts: list[str], steps: int) -
 
 
 def test_mixed_batch_equals_each_adapter_alone_in_transformers(tiny_engine: Engine):
-    tiny_engine.precision = FP32
+    tiny_engine.loop.precision = FP32
     params = SamplingParams(max_new_tokens=12)
     jobs = [(a, p) for p in PROMPTS for a in ("base", "alpha", "beta")]  # interleaved: every step is mixed
     got = run(tiny_engine.start(), jobs, params)
@@ -62,7 +62,7 @@ def test_mixed_batch_equals_each_adapter_alone_in_transformers(tiny_engine: Engi
 def test_rows_joining_a_running_batch_decode_as_if_alone(tiny_engine: Engine):
     """A request submitted while others decode is prefilled, merged into the running batch and decoded with
     them; its text is what it gives alone."""
-    tiny_engine.precision = FP32
+    tiny_engine.loop.precision = FP32
     tiny_engine.batch_wait_s = 0
     long = [tiny_engine.request(a, tiny_engine.tokenizer(p)["input_ids"], SamplingParams(max_new_tokens=40))
             for a, p in (("alpha", PROMPTS[4]), ("base", PROMPTS[1]))]  # fmt: skip
@@ -81,7 +81,7 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(tiny_engine: Engine):
 
 
 def test_per_adapter_and_static_policies_never_mix(tiny_engine: Engine):
-    tiny_engine.policy = "per_adapter"
+    tiny_engine.loop.policy = "per_adapter"
     jobs = [(a, p) for p in PROMPTS for a in ("base", "alpha", "beta")]
     got = run(tiny_engine.start(), jobs, SamplingParams(max_new_tokens=4))
     assert len(got) == len(jobs) and all(o.finish_reason for o in got)
@@ -115,7 +115,7 @@ def test_a_bad_adapter_changes_nothing_and_its_name_stays_free(tiny_engine: Engi
     import json
     import shutil
 
-    tiny_engine.precision = FP32
+    tiny_engine.loop.precision = FP32
     tiny_engine.start()
     params = SamplingParams(max_new_tokens=8)
     before = [o.text for o in run(tiny_engine, [("alpha", p) for p in PROMPTS[:2]], params)]
@@ -161,7 +161,7 @@ def test_two_registrations_of_one_name_race_and_one_gets_409(tiny_engine: Engine
 
 
 def test_removing_an_adapter_fails_only_its_own_requests(tiny_engine: Engine):
-    tiny_engine.precision = FP32
+    tiny_engine.loop.precision = FP32
     tiny_engine.batch_wait_s = 0
     first = threading.Event()
     reqs = [tiny_engine.request(a, tiny_engine.tokenizer(p)["input_ids"], SamplingParams(max_new_tokens=200),
@@ -186,7 +186,7 @@ def test_a_refused_multi_request_queues_nothing(tiny_engine: Engine):
 
 def test_adapters_register_mix_and_unregister_without_reloading_the_base(tiny_engine: Engine, tiny_adapters):
     base_weight = tiny_engine.model.get_base_model().lm_head.weight
-    tiny_engine.precision = FP32
+    tiny_engine.loop.precision = FP32
     tiny_engine.start()
     params = SamplingParams(max_new_tokens=10)
     before = run(tiny_engine, [("alpha", p) for p in PROMPTS], params)

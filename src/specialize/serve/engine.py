@@ -133,21 +133,6 @@ class Engine:
     def stats(self) -> dict[str, int]:
         return self.loop.stats
 
-    @property
-    def precision(self) -> Precision:
-        return self.loop.precision
-
-    @precision.setter
-    def precision(self, value: Precision) -> None:
-        self.loop.precision = value
-
-    @property
-    def policy(self) -> Policy:
-        return self.loop.policy
-
-    @policy.setter
-    def policy(self, value: Policy) -> None:
-        self.loop.policy = value
 
     # ------------------------------------------------------------------------------------- lifecycle
 
