@@ -156,3 +156,22 @@ def test_outputs_are_one_typed_result(tiny_model, gpt2_style_tokenizer):
     [out] = generate(tiny_model, gpt2_style_tokenizer, ["Go."], AlpacaTemplate(), SamplingParams(max_new_tokens=3),
                      precision=FP32)  # fmt: skip
     assert isinstance(out, Output) and out.error is None and out.finish_reason in ("stop", "length")
+
+
+def test_failing_one_request_mid_prefill_redoes_the_others(tiny_model, gpt2_style_tokenizer):
+    """Requests prefilled together share a cache: failing one (its adapter removed, say) prefills the others
+    again, in their order, and they decode as if nothing happened."""
+    tok = gpt2_style_tokenizer
+    params = SamplingParams(max_new_tokens=8)
+    texts = ["The first prompt is here", "A second one", "And a third prompt"]
+    alone = generate(tiny_model, tok, texts, AlpacaTemplate(), params, precision=FP32)
+    # a static wave prefills all three together, 2 columns a step for 3 rows: the prefill takes several steps
+    loop = TokenLoop(tiny_model, tok, FP32, max_rows=8, prefill_tokens=6, policy="static")
+    reqs = [Request([_ids(tok, t)], params) for t in texts]
+    loop.submit(*reqs)
+    loop.step()
+    assert loop.prefilling is not None and loop.prefilling.requests == reqs
+    loop.fail_all("gone", only=lambda r: r is reqs[1])
+    assert reqs[1].result == Output("", (), None, "gone") and list(loop.waiting) == [reqs[0], reqs[2]]
+    loop.run()
+    assert [reqs[0].result.token_ids, reqs[2].result.token_ids] == [alone[0].token_ids, alone[2].token_ids]

@@ -66,6 +66,23 @@ def superni_task_files(root: str | Path) -> dict[str, Path]:
     return dict(sorted(files.items()))
 
 
+def closed_label_set(task: SuperNITask, max_labels: int = 10) -> list[str] | None:
+    """The task's labels when it is a classification task, by rule: every reference output of every instance
+    belongs to one closed set of 2..max_labels strings (Shi et al.'s Classification level is SuperNI's
+    classification subset; the rule makes "classification" a property of the data, not a hand-picked list)."""
+    labels = {ref for e in task.instances.records for ref in e.references}
+    return sorted(labels) if 2 <= len(labels) <= max_labels else None
+
+
+def official_test_tasks(task_dir: str | Path) -> set[str] | None:
+    """The official SuperNI default-track test tasks, from `splits/default__test_tasks.txt` beside a task
+    directory (None when the copy has no split lists)."""
+    split = Path(task_dir).parent / "splits" / "default__test_tasks.txt"
+    if not split.is_file():
+        return None
+    return {line.strip() for line in split.read_text().splitlines() if line.strip()}
+
+
 def read_superni_task(path: str | Path, *, skip_invalid: bool = False) -> SuperNITask:
     """Definition -> instruction; Instances -> examples (all reference outputs kept);
     Positive/Negative Examples kept as demonstrations; Categories/Domains into metadata."""

@@ -18,7 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from specialize.config import ConfigError, Protocol, fill_placeholders
-from specialize.data import Example, FieldMap, read_records, read_superni_task, superni_task_files
+from specialize.data import (
+    Example,
+    FieldMap,
+    closed_label_set,
+    read_records,
+    read_superni_task,
+    superni_task_files,
+)
 from specialize.eval.metrics import METRICS, primary_metric
 
 
@@ -45,6 +52,12 @@ class SuperNISelect(BaseModel):
     path: str
     tasks: list[str] | None = None
     categories: list[str] | None = None
+    classification: int | None = Field(
+        None,
+        ge=2,
+        description="keep only classification tasks: every reference in a closed set of at most this "
+        "many labels (`data.closed_label_set`)",
+    )
 
 
 class TaskSpec(BaseModel):
@@ -209,6 +222,8 @@ def _load_superni(spec: TaskSpec, seed: int) -> list[LoadedTask]:
     for name in names:
         t = read_superni_task(by_name[name])
         if sel.categories and not set(sel.categories) & set(t.categories):
+            continue
+        if sel.classification is not None and closed_label_set(t, sel.classification) is None:
             continue
         examples = t.instances.records
         per_task = spec.model_copy(update={"name": name})

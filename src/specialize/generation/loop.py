@@ -527,12 +527,14 @@ class TokenLoop:
             if only is None or only(r):
                 self._finish(r, None, error)
         if self.prefilling is not None and (only is None or any(only(r) for r in self.prefilling.requests)):
-            for r in self.prefilling.requests:  # a shared prefill cannot lose some of its rows: redo the others
+            redo = []  # a shared prefill cannot lose some of its rows: the others are prefilled again, first
+            for r in self.prefilling.requests:
                 if only is None or only(r):
                     self._finish(r, None, error)
                 else:
-                    with self.lock:
-                        self.waiting.appendleft(r)
+                    redo.append(r)
+            with self.lock:
+                self.waiting.extendleft(reversed(redo))
             self.prefilling = None
         if self.running and self.rows is not None:
             keep, still, start = [], [], 0

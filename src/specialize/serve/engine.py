@@ -133,7 +133,6 @@ class Engine:
     def stats(self) -> dict[str, int]:
         return self.loop.stats
 
-
     # ------------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> Engine:

@@ -18,6 +18,7 @@ from specialize.data import (
     Example,
     FieldMap,
     LoadResult,
+    official_test_tasks,
     read_records,
     read_superni_task,
     source_exists,
@@ -74,6 +75,9 @@ def _task_files(spec: SourceSpec) -> list[Path]:
         if unknown:
             raise MixError(f"source {spec.label!r}: unknown tasks to exclude {unknown[:5]} in {root}")
         by_name = {n: f for n, f in by_name.items() if n not in set(spec.exclude_tasks)}
+    if (test := official_test_tasks(root)) and (leaked := sorted(set(by_name) & test)):
+        # the test split is what held-out evaluation measures: a mix must never contain any of it
+        raise MixError(f"source {spec.label!r}: {leaked[:5]} are official SuperNI test tasks; never train on them")
     if spec.categories:
         wanted = set(spec.categories)
         by_name = {n: f for n, f in by_name.items() if wanted & set(read_superni_task(f).categories)}
