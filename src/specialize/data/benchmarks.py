@@ -200,10 +200,63 @@ def _fpb(path: Path) -> Iterator[tuple[int | None, Row]]:
         )
 
 
+# FiQA and SemEval-2017 give sentiment as a score in [-1, 1]; Kang et al. evaluate FiQA-SA as classification.
+# Our stated rule: a score within NEUTRAL_BAND of 0 is neutral, above it positive, below it negative.
+NEUTRAL_BAND = 0.1
+SENTIMENT_LABELS = ["negative", "neutral", "positive"]
+FIQA_INSTRUCTION = (
+    "What is the sentiment of this financial microblog post about {target}? Reply with negative, neutral, or positive."
+)
+HEADLINE_INSTRUCTION = (
+    "What is the sentiment of this news headline about {company}? Reply with negative, neutral, or positive."
+)
+
+
+def score_label(score: float) -> str:
+    """A [-1, 1] sentiment score as a label, by NEUTRAL_BAND."""
+    return "neutral" if abs(score) <= NEUTRAL_BAND else "positive" if score > 0 else "negative"
+
+
+def _fiqa_sa(path: Path) -> Iterator[tuple[int | None, Row]]:
+    """FiQA 2018 task 1 posts: {id: {sentence, info: [{sentiment_score, target, ...}]}}; a post's score is the
+    mean of its annotations (nearly all have one)."""
+    data, _ = _parse_json(path, _read_text(path))
+    if not isinstance(data, dict):
+        raise DataError(path, None, None, "expected an object of FiQA posts keyed by id")
+    for pid, post in data.items():
+        info = post.get("info") if isinstance(post, dict) else None
+        if not info or not isinstance(info, list):
+            raise DataError(path, None, f"{pid}.info", "missing or empty")
+        try:
+            score = sum(float(i["sentiment_score"]) for i in info) / len(info)
+        except (KeyError, TypeError, ValueError):
+            raise DataError(path, None, f"{pid}.info.sentiment_score", "missing or not a number") from None
+        yield None, {"id": f"fiqa-{pid}", "instruction": FIQA_INSTRUCTION.format(target=info[0].get("target", "")),
+                     "input": post.get("sentence"), "output": score_label(score), "options": SENTIMENT_LABELS,
+                     "score": score}  # fmt: skip
+
+
+def _semeval17_headlines(path: Path) -> Iterator[tuple[int | None, Row]]:
+    """SemEval-2017 task 5 headlines: [{id, company, title, sentiment}]; record ids are content ids."""
+    data, lines = _parse_json(path, _read_text(path))
+    if not isinstance(data, list):
+        raise DataError(path, None, None, "expected a list of headlines")
+    for i, row in enumerate(data):
+        line = lines[i] if lines else None
+        if not isinstance(row, dict) or not isinstance(row.get("sentiment"), int | float):
+            raise DataError(path, line, f"[{i}].sentiment", "missing or not a number")
+        # the file's ids repeat (its train and test parts were numbered apart): ids come from the content
+        yield line, {"source_id": row.get("id"),
+                     "instruction": HEADLINE_INSTRUCTION.format(company=row.get("company", "")),
+                     "input": row.get("title"), "output": score_label(float(row["sentiment"])),
+                     "options": SENTIMENT_LABELS, "score": row["sentiment"]}  # fmt: skip
+
+
 # format name -> rows for the builder (registered in readers.READERS)
 BENCHMARK_READERS: dict[str, Callable[[Path], Iterator[Located]]] = {
     "pubmedqa": lambda p: _pubmedqa(p, long=False),
     "pubmedqa-long": lambda p: _pubmedqa(p, long=True),
     "iob-ner": _iob_ner, "snli": _snli, "commonsenseqa": _commonsenseqa, "aqua": _aqua,
-    "nq-open": _nq_open, "webquestions": _webquestions, "fpb": _fpb,
+    "nq-open": _nq_open, "webquestions": _webquestions, "fpb": _fpb, "fiqa-sa": _fiqa_sa,
+    "semeval17-headlines": _semeval17_headlines,
 }  # fmt: skip
