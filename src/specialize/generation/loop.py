@@ -357,8 +357,7 @@ class TokenLoop:
             return []
         rows, tokens = self.in_flight()
         taken: list[Request] = []
-        prompts: list[tuple[list[int], str | None]] = []
-        width, budget = 0, self.prefill_tokens
+        width = 0
         with self.lock:
             while self.waiting:
                 r = self.waiting[0]
@@ -375,10 +374,10 @@ class TokenLoop:
                 new_width = max(width, *(len(c) for c in r.contexts))
                 # prefill several requests at once only while their padded prompts fit one step's budget;
                 # static waves take the whole wave (their prefill is chunked by columns all the same)
-                if taken and self.policy == "continuous" and new_width * (len(prompts) + r.n_rows) > budget:
+                taken_rows = sum(t.n_rows for t in taken)
+                if taken and self.policy == "continuous" and new_width * (taken_rows + r.n_rows) > self.prefill_tokens:
                     break
                 taken.append(self.waiting.popleft())
-                prompts += r.row_prompts()
                 rows, tokens, width = rows + r.n_rows, tokens + r.cost, new_width
         return taken
 
@@ -447,28 +446,20 @@ class TokenLoop:
         """Choose every running request's next token, retire the finished, and run one forward for the rest."""
         if not self.running or self.rows is None:
             return
-        keep_rows: list[int] = []
         tokens: list[int] = []
         still: list[Request] = []
-        start = 0
-        for r in self.running:
-            span = range(start, start + r.n_rows)
-            start += r.n_rows
+        for r, span in self._spans():
             if r.cancelled.is_set():
                 self._finish(r, "cancelled")
                 continue
-            token = choose(self._scores(r, self.rows.logp[span.start : span.stop]), r.params, r.generator)
+            token = choose(self._scores(r, self.rows.logp[span]), r.params, r.generator)
             if self._advance(r, token):
                 continue
             still.append(r)
-            keep_rows += span
             tokens += [token] * r.n_rows
-        self.running = still
-        if len(keep_rows) != len(self.rows):
-            if not keep_rows:
-                self.rows = None
-                return
-            self.rows.keep(keep_rows)
+        self._keep(still)
+        if self.rows is None:
+            return
         rows = self.rows
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows), 1))], dim=1)
         out = self._forward(rows.adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=rows.mask,
@@ -476,6 +467,23 @@ class TokenLoop:
         rows.cache, rows.next_pos = out.cache, rows.next_pos + 1
         rows.logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
         self.stats["decode_rows"] += len(rows)
+
+    def _spans(self) -> Iterator[tuple[Request, slice]]:
+        """Each running request with the slice of batch rows it owns (rows are in request order)."""
+        start = 0
+        for r in self.running:
+            yield r, slice(start, start + r.n_rows)
+            start += r.n_rows
+
+    def _keep(self, still: list[Request]) -> None:
+        """Only `still` keep running; the other requests' rows leave the batch."""
+        alive = {id(r) for r in still}
+        index = [i for r, span in self._spans() if id(r) in alive for i in range(span.start, span.stop)]
+        self.running = still
+        if not index:
+            self.rows = None
+        elif self.rows is not None and len(index) != len(self.rows):
+            self.rows.keep(index)
 
     def _advance(self, r: Request, token: int) -> bool:
         """Take one token; stream the text that is final; True when the request is over."""
@@ -536,18 +544,11 @@ class TokenLoop:
             with self.lock:
                 self.waiting.extendleft(reversed(redo))
             self.prefilling = None
-        if self.running and self.rows is not None:
-            keep, still, start = [], [], 0
+        if self.running:
+            still = []
             for r in self.running:
-                span = list(range(start, start + r.n_rows))
-                start += r.n_rows
                 if only is None or only(r):
                     self._finish(r, None, error)
                 else:
-                    keep += span
                     still.append(r)
-            self.running = still
-            if keep:
-                self.rows.keep(keep)
-            else:
-                self.rows = None
+            self._keep(still)
