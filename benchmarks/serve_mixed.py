@@ -9,6 +9,10 @@ Policies (one server each, in turn, in this process):
 - static:      waves of up to --batch requests, any adapters together, a wave admitted only into an empty batch
 - per_adapter: static waves of a single adapter
 - switch:      one request at a time, the adapter switched for each (what a server without batching does)
+- continuous_peft: continuous, with PEFT's per-adapter loop for mixed batches instead of the stacked LoRA
+
+`--steps` times single decode steps instead (no HTTP): --batch rows of base only vs base + --adapters adapters
+round-robin, on the stacked LoRA and on PEFT's path, in the same run.
 
 Adapters are LoRA r=8 on all linear layers of the embedded model (PEFT's default init, so they cost what real
 adapters cost). Every policy serves the same requests greedily, so each generates the same tokens.
@@ -26,16 +30,18 @@ from pathlib import Path
 
 import openai
 
+from specialize.generation import Request, SamplingParams, TokenLoop
 from specialize.models import load_model, select_precision
 from specialize.serve.engine import Engine
 from specialize.serve.server import ServeConfig, running
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-POLICIES = {
-    "continuous": ("continuous", None),
-    "static": ("static", None),
-    "per_adapter": ("per_adapter", None),
-    "switch": ("per_adapter", 1),
+POLICIES = {  # name: (loop policy, batch override, how mixed batches apply LoRA)
+    "continuous": ("continuous", None, "stacked"),
+    "continuous_peft": ("continuous", None, "peft"),
+    "static": ("static", None, "stacked"),
+    "per_adapter": ("per_adapter", None, "stacked"),
+    "switch": ("per_adapter", 1, "stacked"),
 }
 
 
@@ -110,6 +116,40 @@ async def latency_under_load(
             "loaded_p50_s": statistics.median(loaded), "loaded_p95_s": p95(loaded), "long_s": max(long_s)}  # fmt: skip
 
 
+def step_cost(model, tok, names: list[str], batch: int, lora: str, steps: int = 24) -> float:
+    """Median seconds of one decode step of `batch` rows (same prompt, adapters round-robin over `names`)."""
+    loop = TokenLoop(model, tok, select_precision("auto", "cpu"), max_rows=batch, lora=lora)  # type: ignore[arg-type]
+    prompt = tok("Write a long story about a lighthouse keeper.")["input_ids"]
+    params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
+    loop.submit(*(Request([prompt], params, adapter=names[i % len(names)]) for i in range(batch)))
+    while loop.waiting or loop.prefilling:
+        loop.step()
+    loop.step()  # warm
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loop.step()
+        times.append(time.perf_counter() - start)
+    loop.adapters_changed()  # drop its hooks
+    return statistics.median(times)
+
+
+def steps_report(adapters: dict[str, str], batch: int, threads: int) -> None:
+    from specialize.generation.lora import NO_ADAPTER
+    from specialize.models import attach_adapters
+
+    model, tok = load_model("embedded", threads=threads)
+    model = attach_adapters(model, adapters)
+    mixed = [NO_ADAPTER, *adapters]
+    base = step_cost(model, tok, [NO_ADAPTER], batch, "stacked")
+    stacked = step_cost(model, tok, mixed, batch, "stacked")
+    peft = step_cost(model, tok, mixed, batch, "peft")
+    print(f"decode step, {batch} rows, {select_precision('auto', 'cpu').describe()}: base only {base * 1e3:.1f} ms; "
+          f"base + {len(adapters)} adapters stacked {stacked * 1e3:.1f} ms ({stacked / base:.2f}x base), "
+          f"PEFT per-adapter loop {peft * 1e3:.1f} ms ({peft / base:.2f}x base); stacked vs PEFT "
+          f"{peft / stacked:.2f}x faster")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
@@ -123,21 +163,25 @@ def main() -> None:
     ap.add_argument("--latency", action="store_true", help="short requests under long ones, instead of the load test")
     ap.add_argument("--long-tokens", type=int, default=256)
     ap.add_argument("--short-tokens", type=int, default=8)
+    ap.add_argument("--steps", action="store_true", help="time single decode steps: base only vs mixed adapters")
     args = ap.parse_args()
 
     rows = json.loads((SHARED / "generalist/alpaca_gpt4_sample/alpaca_en_demo.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(args.adapters, Path(tmp))
+        if args.steps:
+            steps_report(adapters, args.batch, args.threads)
+            return
         names = ["base", *adapters]
         jobs = [(names[i % len(names)], rows[i % len(rows)]["instruction"]) for i in range(args.requests)]
         model, tok = load_model("embedded", threads=args.threads)
         results = {}
         for policy in args.policies.split(","):
-            mode, batch = POLICIES[policy]
+            mode, batch, lora = POLICIES[policy]
             cfg = ServeConfig(port=0, adapters=adapters, policy=mode, max_batch_size=batch or args.batch,
                               batch_wait_ms=20)  # fmt: skip
             engine = Engine(model, tok, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
-                            policy=mode, precision=select_precision("auto", "cpu"))  # fmt: skip
+                            policy=mode, precision=select_precision("auto", "cpu"), lora=lora)  # fmt: skip
             for name, path in adapters.items():
                 engine.add_adapter(name, path)
             with running(cfg, engine) as url:

@@ -81,7 +81,7 @@ def embedded():
     """(model, tokenizer) of the real embedded SmolLM2-135M-Instruct."""
     from specialize.models import load_model
 
-    return load_model("embedded")
+    return load_model("embedded", dtype="float32")  # exact: tests compare paths token for token
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +91,22 @@ def tiny_model_dir(tmp_path_factory, tiny_model, gpt2_style_tokenizer) -> Path:
     tiny_model.save_pretrained(path)
     gpt2_style_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """Two random (non-zero) LoRA adapters of different ranks on the tiny model, saved as adapter directories."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for i, name in enumerate(["alpha", "beta"]):
+        torch.manual_seed(100 + i)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+        # init_lora_weights=False: B is random too, so each adapter really changes the model
+        cfg = LoraConfig(r=4 + 4 * i, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+        model = get_peft_model(base, cfg)
+        out[name] = tmp_path_factory.mktemp(name) / "adapter"
+        model.save_pretrained(out[name])
+    return out

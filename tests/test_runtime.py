@@ -23,7 +23,7 @@ CHAT = (
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    """Pretend the CPU has native bf16, so `auto` would mean bf16 autocast."""
+    """Pretend the CPU has native bf16, so `auto` would mean bf16 (weights for inference, autocast for training)."""
     monkeypatch.setattr(models, "cpu_supports_bf16", lambda: True)
 
 
@@ -47,16 +47,21 @@ def test_float32_means_float32_everywhere(bf16_cpu, autocasts, tiny_model_dir):
     synth re-derived `auto` and ran bf16 autocast over fp32 weights)."""
     from specialize.generation import SamplingParams, generate, generate_mixture
 
-    assert select_precision("auto").autocast_dtype == torch.bfloat16  # the fixture is in effect
+    assert select_precision("auto").param_dtype == torch.bfloat16  # the fixture is in effect
+    assert train_precision("auto").autocast_dtype == torch.bfloat16
     rt = load_runtime(ModelConfig(spec=str(tiny_model_dir), dtype="float32"))
     assert rt.precision == Precision(torch.float32, None)
     prompt = AlpacaTemplate().render("Go.")
     generate(rt.model, rt.tokenizer, [prompt], AlpacaTemplate(), SamplingParams(max_new_tokens=2))
     generate_mixture(rt.model, rt.tokenizer, [[[1, 2, 3]]], [[1.0]], SamplingParams(max_new_tokens=2))
     assert autocasts == []  # a plain fp32 model is run as it is, never under a re-derived autocast
-    generate(rt.model, rt.tokenizer, [prompt], AlpacaTemplate(), SamplingParams(max_new_tokens=2),
-             precision=load_runtime(ModelConfig(spec=str(tiny_model_dir))).precision)  # fmt: skip
-    assert autocasts and set(autocasts) == {torch.bfloat16}  # `auto`, decided once at load, honoured when passed
+    auto = load_runtime(ModelConfig(spec=str(tiny_model_dir)))
+    assert auto.precision == Precision(torch.bfloat16, None)
+    assert {p.dtype for p in auto.model.parameters()} == {torch.bfloat16}  # held in bf16 once, at load
+    out = generate(auto.model, auto.tokenizer, [prompt], AlpacaTemplate(), SamplingParams(max_new_tokens=2),
+                   precision=auto.precision)  # fmt: skip
+    assert out[0].finish_reason in ("stop", "length")
+    assert autocasts == []  # inference never re-casts weights per step under autocast
 
 
 def test_train_precision_auto_uses_bf16_autocast_on_gpus_too(monkeypatch):

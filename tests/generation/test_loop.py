@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from specialize.generation import Output, Request, SamplingParams, TokenLoop, generate
-from specialize.generation.loop import TextStream, held_back
+from specialize.generation.loop import TextStream, held_back, length_buckets
 from specialize.models import Precision
 from specialize.prompts import AlpacaTemplate
 
@@ -175,3 +175,40 @@ def test_failing_one_request_mid_prefill_redoes_the_others(tiny_model, gpt2_styl
     assert reqs[1].result == Output("", (), None, "gone") and list(loop.waiting) == [reqs[0], reqs[2]]
     loop.run()
     assert [reqs[0].result.token_ids, reqs[2].result.token_ids] == [alone[0].token_ids, alone[2].token_ids]
+
+
+def test_length_buckets_bound_the_padding_and_keep_every_row():
+    lengths = [518, 116, 300, 120, 121, 470, 250, 260, 130, 515]
+    buckets = length_buckets(lengths, slack=0.2)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert len(buckets) > 1
+    for b in buckets:
+        real = sum(lengths[i] for i in b)
+        assert len(b) * max(lengths[i] for i in b) <= 1.2 * real
+    assert length_buckets([7, 7, 7]) == [[0, 1, 2]]  # equal lengths: one forward
+
+
+def test_rows_of_very_different_lengths_decode_as_each_alone(tiny_model, gpt2_style_tokenizer):
+    """Eq. 2 items whose contexts range from 3 to ~60 tokens are prefilled in several length buckets; the rows
+    come back in request order and each item decodes exactly what it decodes alone."""
+    tok = gpt2_style_tokenizer
+    words = list("abcdefghijklmnopq")
+    contexts = [[_ids(tok, " ".join(words[: 3 + (7 * i + 5 * j) % 16] * (1 + (i + j) % 4))) for j in range(3)]
+                for i in range(4)]  # fmt: skip
+    lengths = [len(c) for ctx in contexts for c in ctx]
+    assert max(lengths) > 4 * min(lengths) and len(length_buckets(lengths)) > 1
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+
+    def request(ctx):
+        return Request(ctx, params, weights=[0.5, 0.3, 0.2])
+
+    together = [request(ctx) for ctx in contexts]
+    loop = TokenLoop(tiny_model, tok, FP32, max_rows=12, prefill_tokens=4096)
+    loop.submit(*together)
+    loop.run()
+    for ctx, r in zip(contexts, together, strict=True):
+        alone = request(ctx)
+        one = TokenLoop(tiny_model, tok, FP32, max_rows=3, prefill_tokens=4096)
+        one.submit(alone)
+        one.run()
+        assert r.result.token_ids == alone.result.token_ids

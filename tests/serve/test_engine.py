@@ -51,7 +51,7 @@ def test_mixed_batch_equals_each_adapter_alone_in_transformers(tiny_engine: Engi
     params = SamplingParams(max_new_tokens=12)
     jobs = [(a, p) for p in PROMPTS for a in ("base", "alpha", "beta")]  # interleaved: every step is mixed
     got = run(tiny_engine.start(), jobs, params)
-    assert tiny_engine.stats["mixed_steps"] >= 1
+    assert tiny_engine.stats["mixed_steps"] >= 1 and tiny_engine.loop.lora_path == "stacked"
     want = {a: dict(zip(PROMPTS, hf_reference(tiny_engine, a, PROMPTS, 12), strict=True))
             for a in ("base", "alpha", "beta")}  # fmt: skip
     for (a, p), out in zip(jobs, got, strict=True):

@@ -59,7 +59,7 @@ def test_lora_on_sentiment_lowers_loss_and_raises_heldout_label_likelihood(tmp_p
 
     from peft import PeftModel
 
-    base, tok = load_model("embedded", threads=2)
+    base, tok = load_model("embedded", dtype="float32", threads=2)
     t = AlpacaTemplate()
     before = statistics.mean(x.total for x in response_logliks(base, tok, heldout, t))
     acc_before = accuracy(base, tok, heldout, options_by_task)

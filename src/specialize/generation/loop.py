@@ -5,7 +5,8 @@ the server.
 A `Request` is one continuation. It owns k >= 1 rows (its contexts, whose next-token distributions are mixed
 with its weights, eq. 2) and, for contrastive decoding, k more rows of the same contexts read by the base
 model (the adapter switched off, eq. 3). All rows of all running requests share one left-padded KV cache and
-step together, each row with its own LoRA (PEFT's per-row `adapter_names`), so a batch mixes specialists.
+step together, each row with its own LoRA (all rows' adapters in one batched operation per layer, `lora.py`),
+so a batch mixes specialists.
 
 Iteration-level (continuous) batching: each `step()` first prefills waiting requests (at most
 `prefill_tokens` prompt tokens; a longer prompt is prefilled in chunks over several steps, so it never stalls
@@ -31,12 +32,14 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from specialize.generation.lora import NO_ADAPTER as PEFT_BASE
+from specialize.generation.lora import StackedLoRA, adapters_off, tuner_layers
 from specialize.generation.params import SamplingParams
 from specialize.models import Precision, inference_mode
 
 FinishReason = Literal["stop", "length", "cancelled"]
 Policy = Literal["continuous", "static", "per_adapter"]
-PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+LoraPath = Literal["stacked", "peft"]  # batched LoRA over stacked adapter weights, or PEFT's per-adapter loop
 
 
 @dataclass(frozen=True)
@@ -278,17 +281,44 @@ class _Rows:
         self.adapters = [self.adapters[i] for i in index]
 
 
-@dataclass
-class _Prefill:
-    """Requests being prefilled together: their rows left-padded to one width, fed `cols` columns so far."""
+def length_buckets(lengths: Sequence[int], slack: float = 0.2) -> list[list[int]]:
+    """Row indices grouped by similar length, shortest first, so that each group's padded area exceeds its real
+    tokens by at most `slack`. Prompts of mixed lengths (eq. 2's documents: 116 to 518 tokens for one benchmark's
+    80 contexts) padded to one width would spend about half of the prefill on padding."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and (len(current) + 1) * lengths[i] > (1 + slack) * (real + lengths[i]):
+            buckets.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    return [*buckets, current] if current else buckets
 
-    requests: list[Request]
+
+@dataclass
+class _Bucket:
+    """Rows of similar length prefilled together: left-padded to one width, fed `cols` columns so far. `index`:
+    their positions among the prefill job's rows."""
+
+    index: list[int]
     ids: torch.Tensor
     mask: torch.Tensor
     adapters: list[str | None]
     cols: int = 0
     cache: Any = None
     last: torch.Tensor | None = None  # last-position logits
+
+
+@dataclass
+class _Prefill:
+    """Requests being prefilled together, their rows in length buckets prefilled one after another; they join
+    the running batch together, in request order, when the last bucket is done."""
+
+    requests: list[Request]
+    buckets: list[_Bucket]
+    done: list[_Rows] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -307,6 +337,7 @@ class TokenLoop:
         max_tokens: int | None = None,
         prefill_tokens: int = 512,
         policy: Policy = "continuous",
+        lora: LoraPath = "stacked",
     ):
         if max_rows < 1 or prefill_tokens < 1:
             raise ValueError("max_rows and prefill_tokens must be >= 1")
@@ -318,6 +349,11 @@ class TokenLoop:
         self.max_tokens = max_tokens
         self.prefill_tokens = prefill_tokens
         self.policy = policy
+        self.lora = lora
+        self.lora_path = lora  # what mixed-adapter steps actually use (with the reason when PEFT's path)
+        self._stack: StackedLoRA | None = None
+        self._stack_key: tuple[Any, ...] | None = None
+        self._tuners: list[Any] = []
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
         self.waiting: deque[Request] = deque()
@@ -383,20 +419,45 @@ class TokenLoop:
 
     # ---------------------------------------------------------------------------------- the model
 
+    def adapters_changed(self) -> None:
+        """Call after loading, mixing or deleting adapters: the stacked weights are rebuilt before the next step."""
+        if self._stack is not None:
+            self._stack.close()
+        self._stack, self._stack_key = None, None
+
+    def _stacked(self) -> StackedLoRA | None:
+        """The model's adapters stacked for batched LoRA (built on first use and whenever the adapters change),
+        or None where they must run on PEFT's path (`self.lora_path` says why)."""
+        key = (id(self.model), tuple(getattr(self.model, "peft_config", {})))
+        if key != self._stack_key:
+            self.adapters_changed()
+            self._tuners = tuner_layers(self.model)
+            if self.lora == "stacked":
+                self._stack, why = StackedLoRA.build(self.model)
+                self.lora_path = "stacked" if self._stack else f"peft ({why})"
+            self._stack_key = key
+        return self._stack
+
     @contextlib.contextmanager
     def _adapter_kwargs(self, adapters: list[str | None]) -> Iterator[dict[str, Any]]:
         """Per-row LoRA: nothing for a plain model or when every row uses the model as it is; the adapter
-        switched off when every row reads the base; else PEFT's per-row `adapter_names`."""
+        switched off when every row reads the base; else every row's own adapter, stacked (`lora.py`) or by
+        PEFT's per-row `adapter_names`."""
         if not hasattr(self.model, "peft_config") or all(a is None for a in adapters):
             yield {}
-        elif all(a == PEFT_BASE for a in adapters):
-            with self.model.disable_adapter():
+            return
+        stack = self._stacked()
+        if all(a == PEFT_BASE for a in adapters):
+            with adapters_off(self._tuners):
+                yield {}
+            return
+        active = self.model.active_adapter
+        self.stats["mixed_steps"] += len({a if a is not None else active for a in adapters}) > 1
+        if stack is not None:
+            with stack.rows(adapters):
                 yield {}
         else:
-            active = self.model.active_adapter
-            names = [a if a is not None else active for a in adapters]
-            self.stats["mixed_steps"] += len(set(names)) > 1
-            yield {"adapter_names": names}
+            yield {"adapter_names": [a if a is not None else active for a in adapters]}
 
     def _forward(self, adapters: list[str | None], **inputs: Any) -> Any:
         with self._adapter_kwargs(adapters) as kwargs:
@@ -410,20 +471,33 @@ class TokenLoop:
             if not taken:
                 return
             prompts = [row for r in taken for row in r.row_prompts()]
-            ids, mask = left_pad([p for p, _ in prompts], self.pad)
-            self.prefilling = _Prefill(taken, ids, mask, [a for _, a in prompts])
+            buckets = []
+            for index in length_buckets([len(p) for p, _ in prompts]):
+                ids, mask = left_pad([prompts[i][0] for i in index], self.pad)
+                buckets.append(_Bucket(index, ids, mask, [prompts[i][1] for i in index]))
+            self.prefilling = _Prefill(taken, buckets)
         job = self.prefilling
-        n_rows, width = job.ids.shape
+        b = job.buckets[len(job.done)]
+        n_rows, width = b.ids.shape
         cols = max(1, self.prefill_tokens // n_rows)
-        lo, hi = job.cols, min(job.cols + cols, width)
-        positions = (job.mask.cumsum(-1) - 1).clamp(min=0)
-        out = self._forward(job.adapters, input_ids=job.ids[:, lo:hi], attention_mask=job.mask[:, :hi],
-                            position_ids=positions[:, lo:hi], cache=job.cache, logits_to_keep=1)  # fmt: skip
-        job.cache, job.cols, job.last = out.cache, hi, out.logits[:, -1]
-        self.stats["prefill_tokens"] += int(job.mask[:, lo:hi].sum())
-        if job.cols < width:
+        lo, hi = b.cols, min(b.cols + cols, width)
+        positions = (b.mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._forward(b.adapters, input_ids=b.ids[:, lo:hi], attention_mask=b.mask[:, :hi],
+                            position_ids=positions[:, lo:hi], cache=b.cache, logits_to_keep=1)  # fmt: skip
+        b.cache, b.cols, b.last = out.cache, hi, out.logits[:, -1]
+        self.stats["prefill_tokens"] += int(b.mask[:, lo:hi].sum())
+        if b.cols < width:
             return
-        new = _Rows(job.cache, job.mask, job.mask.sum(-1), F.log_softmax(job.last.float(), -1), job.adapters)
+        job.done.append(_Rows(b.cache, b.mask, b.mask.sum(-1), F.log_softmax(b.last.float(), -1), b.adapters))
+        if len(job.done) < len(job.buckets):
+            return
+        new = job.done[0]
+        for rows in job.done[1:]:
+            new.merge(rows)
+        order = [i for bucket in job.buckets for i in bucket.index]  # row i of the job sits at order.index(i)
+        where = {row: pos for pos, row in enumerate(order)}
+        if order != sorted(order):
+            new.keep([where[i] for i in range(len(order))])
         if self.rows is None:
             self.rows = new
         else:

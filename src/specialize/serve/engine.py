@@ -3,8 +3,8 @@
 A scheduler thread drives `generation.loop.TokenLoop`: each iteration prefills waiting requests (bounded, long
 prompts in chunks) and decodes one token for every running request, so a request joins the running batch at
 the next step and leaves the moment it finishes or is cancelled; no request waits for another's wave. Each
-row names its adapter and PEFT applies every row's own LoRA in the same forward pass (`adapter_names`), so a
-batch mixes specialists freely.
+row names its adapter and every row's own LoRA is applied in the same forward pass (stacked adapter weights,
+`generation/lora.py`), so a batch mixes specialists freely.
 
 Admin calls (register, mix, remove adapters) run between steps, under the model lock. Registering validates
 the adapter against the base model before touching it, so a corrupt or rank-mismatched adapter changes
@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from specialize.config import BASE, TemplateName
-from specialize.generation.loop import PEFT_BASE, Output, Policy, Request, TokenLoop
+from specialize.generation.loop import PEFT_BASE, LoraPath, Output, Policy, Request, TokenLoop
 from specialize.generation.params import SamplingParams
 from specialize.hashing import file_sha256
 from specialize.models import (
@@ -106,6 +106,7 @@ class Engine:
         batch_wait_ms: float = 5.0,
         max_pending: int = 256,
         policy: Policy = "continuous",
+        lora: LoraPath = "stacked",
         precision: Precision | None = None,
         base_template: TemplateName = "alpaca",
         template_override: TemplateName | None = None,
@@ -116,7 +117,7 @@ class Engine:
         self.batch_wait_s = batch_wait_ms / 1000
         self.max_pending = max_pending
         self.loop = TokenLoop(model, tokenizer, precision, max_rows=max_batch_size, max_tokens=max_tokens,
-                              prefill_tokens=prefill_tokens, policy=policy)  # fmt: skip
+                              prefill_tokens=prefill_tokens, policy=policy, lora=lora)  # fmt: skip
         self.adapters: dict[str, dict[str, Any]] = {}  # name -> {"path", "sha256"|"mix", "template"}
         # each model's prompt template: an adapter's is read from its directory unless the server overrides it
         self.template_override = template_override
@@ -216,6 +217,8 @@ class Engine:
                     if name in getattr(self.model, "peft_config", {}):
                         self.model.delete_adapter(name)
                     raise EngineError(f"cannot load adapter {name!r} from {path}: {err}") from err
+                finally:
+                    self.loop.adapters_changed()
             with self._names:
                 self.adapters[name] = {"path": str(path), "sha256": file_sha256(path / ADAPTER_WEIGHTS),
                                        "template": template}  # fmt: skip
@@ -231,6 +234,7 @@ class Engine:
         with self._admin():
             self.loop.fail_all(f"the adapter {name!r} was removed", only=lambda r: r.adapter == name)
             self.model.delete_adapter(name)
+            self.loop.adapters_changed()
             with self._names:
                 del self.adapters[name]
 
@@ -256,6 +260,8 @@ class Engine:
                     if name in self.model.peft_config:
                         self.model.delete_adapter(name)
                     raise EngineError(f"cannot mix {sources}: {err}") from err
+                finally:
+                    self.loop.adapters_changed()
             with self._names:
                 self.adapters[name] = {"mix": {"sources": sources, "weights": weights, "combination": combination_type},
                                        "template": self.adapters[sources[0]]["template"]}  # fmt: skip
