@@ -29,13 +29,13 @@ import time
 from pathlib import Path
 
 import openai
+from common import SHARED, make_adapters
 
 from specialize.generation import Request, SamplingParams, TokenLoop
 from specialize.models import load_model, select_precision
 from specialize.serve.engine import Engine
 from specialize.serve.server import ServeConfig, running
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 POLICIES = {  # name: (loop policy, batch override, how mixed batches apply LoRA)
     "continuous": ("continuous", None, "stacked"),
     "continuous_peft": ("continuous", None, "peft"),
@@ -43,18 +43,6 @@ POLICIES = {  # name: (loop policy, batch override, how mixed batches apply LoRA
     "per_adapter": ("per_adapter", None, "stacked"),
     "switch": ("per_adapter", 1, "stacked"),
 }
-
-
-def make_adapters(n: int, out: Path) -> dict[str, str]:
-    from peft import LoraConfig, get_peft_model
-
-    base, _ = load_model("embedded")
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    paths = {}
-    for i in range(n):
-        paths[f"spec{i}"] = str(out / f"spec{i}")
-        model.save_pretrained(paths[f"spec{i}"])
-    return paths
 
 
 async def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, deadline: float) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import get_args
 
 from specialize import __version__
-from specialize.config import ConfigError, DType, ModelConfig, TemplateName, load_config
+from specialize.config import ConfigError, DType, Engine, ModelConfig, TemplateName, load_config
 from specialize.train.config import PRESETS
 
 STAGES = """\
@@ -35,6 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub (off by default)")
+    p.add_argument("--engine", default=None, choices=get_args(Engine),
+                   help="what generates text: hf (default: the project's token loop) or vllm (make vllm)")  # fmt: skip
     p.add_argument("--template", default=None, choices=get_args(TemplateName),
                    help="prompt template (default: the one stored with the adapter/model, else alpaca)")  # fmt: skip
     p.add_argument("--system", default=None, help="system message for the chat template")
@@ -43,7 +45,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _model_flags(args: argparse.Namespace, *, template: bool = True) -> list[str]:
     """The model flags the user gave (and `--template`), as config overrides."""
     flags = _value_flags(**{"model.spec": args.model, "model.dtype": args.dtype, "model.device": args.device,
-                            "model.threads": args.threads})  # fmt: skip
+                            "model.threads": args.threads, "model.engine": args.engine})  # fmt: skip
     if args.trust_remote_code:
         flags.append("model.trust_remote_code=true")
     return flags + (_value_flags(template=args.template) if template else [])
@@ -204,7 +206,8 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from specialize.generation import SamplingParams, generate
+    from specialize.generation import SamplingParams, prompt_requests
+    from specialize.generation.engines import engine_for
     from specialize.models import check_adapter, load_runtime
 
     try:  # every flag is checked before the model loads
@@ -217,12 +220,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     name = "adapter"
     if args.adapter:
         check_adapter(name, args.adapter)
-    rt = load_runtime(
-        _model_config(args), template=args.template, adapters={name: args.adapter} if args.adapter else None
-    )
+    cfg = _model_config(args)
+    rt = load_runtime(cfg, template=args.template, adapters={name: args.adapter} if args.adapter else None)
     template = rt.prompt_template(name if args.adapter else "base", args.system)
     prompt = template.render(args.instruction, args.input)
-    [completion] = generate(rt.model, rt.tokenizer, [prompt], template, params, precision=rt.precision)
+    [completion] = engine_for(rt, cfg).run(prompt_requests(rt.tokenizer, [prompt], template, params))
     print(completion.text.strip())
     return 0
 

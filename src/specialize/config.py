@@ -19,6 +19,7 @@ Method = Literal["full", "lora", "qlora"]
 Scheduler = Literal["cosine", "linear", "constant"]
 Protocol = Literal["generation", "options"]
 Retrieval = Literal["marginalize", "top1", "none"]
+Engine = Literal["hf", "vllm"]  # which engine generates text (generation/engines.py)
 
 # The name of the base model among evaluated or served models (adapters may not take it).
 BASE = "base"
@@ -28,8 +29,26 @@ class ConfigError(ValueError):
     """A config that does not validate, naming the file and the offending key."""
 
 
+class VLLMSettings(BaseModel):
+    """What the vLLM engine is started with (`engine: vllm`). The parallel sizes pass through to vLLM, which
+    places the workers itself (multiprocessing on one node, Ray across nodes: docs/architecture.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    data_parallel_size: int = Field(1, ge=1)
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_loras: int | None = Field(None, ge=1, description="LoRA slots per batch (default: every adapter + 1)")
+    max_lora_rank: int | None = Field(None, ge=1, description="default: the largest adapter rank, rounded up")
+    kv_cache_gib: int = Field(2, ge=1, description="CPU only: KV cache GiB (VLLM_CPU_KVCACHE_SPACE, whole GiB)")
+    enforce_eager: bool = False
+
+
 class ModelConfig(BaseModel):
-    """Which model to load and how."""
+    """Which model to load and how, and which engine generates text with it."""
 
     model_config = ConfigDict(extra="forbid")
     spec: str = "embedded"
@@ -38,6 +57,13 @@ class ModelConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     trust_remote_code: bool = False
     revision: str | None = None
+    engine: Engine = Field("hf", description="hf: the project's token loop on transformers; vllm: vLLM's engine")
+    vllm: VLLMSettings = VLLMSettings()
+
+    def hashed(self) -> dict[str, Any]:
+        """What goes into a run's fingerprint. The engine settings only when vLLM generates: runs made on the
+        default engine before the setting existed keep their fingerprints, so they resume."""
+        return self.model_dump(mode="json", exclude=None if self.engine == "vllm" else {"engine", "vllm"})
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

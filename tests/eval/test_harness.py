@@ -47,18 +47,18 @@ def tiny_adapter(tmp_path: Path, tiny_model_dir: Path) -> Path:
 
 def _scripted_paraphrases(monkeypatch, texts: list[tuple[str, str]]) -> None:
     """The model's rewrites of an instruction come from `texts` (text, finish_reason); answers stay real."""
-    import specialize.generation
     from specialize.generation import Output
+    from specialize.generation.engines import HFEngine
 
-    real, script = specialize.generation.generate, iter(texts)
+    real, script = HFEngine.run, iter(texts)
 
-    def generate(model, tokenizer, prompts, template, params, **kw):
-        if "Rewrite the following task instruction" in prompts[0]:
+    def run(self, requests):
+        if "Rewrite the following task instruction" in self.tokenizer.decode(requests[0].contexts[0]):
             text, finish = next(script)
             return [Output(text, (), finish)]
-        return real(model, tokenizer, prompts, template, params, **kw)
+        return real(self, requests)
 
-    monkeypatch.setattr(specialize.generation, "generate", generate)
+    monkeypatch.setattr(HFEngine, "run", run)
 
 
 def test_counts_scores_aggregates_and_manifest(tmp_path, tiny_model_dir, tiny_tasks, tiny_adapter, monkeypatch):

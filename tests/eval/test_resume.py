@@ -34,7 +34,7 @@ def test_a_killed_evaluation_resumes_to_the_same_results(tmp_path: Path, tiny_mo
     real, calls = harness._predict, []
 
     def dies_on_the_third_unit(*args, **kwargs):
-        calls.append(args[2].name)
+        calls.append(args[3].name)  # (rt, engine, model name, task, ...)
         if len(calls) == 3:
             raise KeyboardInterrupt  # the kill
         return real(*args, **kwargs)
@@ -48,7 +48,7 @@ def test_a_killed_evaluation_resumes_to_the_same_results(tmp_path: Path, tiny_mo
     assert (out / harness.PARTIAL).is_file()
 
     calls.clear()
-    monkeypatch.setattr(harness, "_predict", lambda *a, **k: (calls.append(a[2].name), real(*a, **k))[1])
+    monkeypatch.setattr(harness, "_predict", lambda *a, **k: (calls.append(a[3].name), real(*a, **k))[1])
     resumed = evaluate(cfg, progress=False)
     assert len(calls) == 5 - 2  # 5 units (options: k 0/1 x 2 instructions, generation: 1); 2 were done
     assert (out / "predictions.jsonl").read_text() == (tmp_path / "whole/predictions.jsonl").read_text()

@@ -49,6 +49,7 @@ def test_synth_resumes_after_kill_to_the_same_dataset(tmp_path: Path, shared_dat
         assert len(prov["docs"]) == 2 and len(prov["weights"]) == 2 and abs(sum(prov["weights"]) - 1) < 1e-6
         assert prov["instruction_sampling"]["temperature"] == 1.0 and prov["instruction_sampling"]["top_p"] == 0.98
         assert prov["model"]["kind"] == "embedded" and prov["iteration"] == 1
+        assert prov["engine"] == {"instruction": "hf", "response": "hf"}
     stats = json.loads((tmp_path / "ref/stats.json").read_text())
     assert stats["filters"]["kept"] == 6 and stats["final_examples"] == 6
     assert (tmp_path / "ref/stats.png").read_bytes()[:4] == b"\x89PNG"

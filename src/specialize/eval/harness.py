@@ -41,6 +41,8 @@ from specialize.eval.results import (
 )
 from specialize.eval.stats import bootstrap_ci, paired_bootstrap
 from specialize.eval.tasks import LoadedTask, load_task_spec, load_tasks, read_split_file, with_demos, with_instruction
+from specialize.generation.engines import TextEngine, engine_for
+from specialize.generation.lora import NO_ADAPTER
 from specialize.hashing import file_sha256, fingerprint, lines_sha256, text_sha256
 from specialize.io import append_log, atomic_path, atomic_write_text, read_log
 from specialize.prompts import encode_prompt, render_prompt
@@ -111,9 +113,11 @@ def prepare(cfg: EvalConfig) -> tuple[list[LoadedTask], dict[str, str]]:
     return tasks, splits
 
 
-def _predict(rt: models.Runtime, name: str, task: LoadedTask, examples: list[Example], batch_size: int):
+def _predict(rt: models.Runtime, engine: TextEngine, name: str, task: LoadedTask, examples: list[Example],
+             batch_size: int):  # fmt: skip
     """Predictions and per-option scores of model `name` (the base or an adapter) for prepared examples (demos
-    and instruction already applied), in that model's own template."""
+    and instruction already applied), in that model's own template. Option ranking scores on the transformers
+    model whatever the engine; generation runs on `engine`."""
     template, tokenizer = rt.prompt_template(name), rt.tokenizer
     prompts = [render_prompt(e, template) for e in examples]
     if task.spec.protocol == "options":
@@ -132,10 +136,11 @@ def _predict(rt: models.Runtime, name: str, task: LoadedTask, examples: list[Exa
                 }
             )
         return prompts, preds
-    from specialize.generation import SamplingParams, generate
+    from specialize.generation import SamplingParams, prompt_requests
 
     params = SamplingParams(max_new_tokens=task.spec.max_new_tokens, stop=tuple(task.spec.stop))
-    outs = generate(rt.model, tokenizer, prompts, template, params, batch_size=batch_size, precision=rt.precision)
+    adapter = NO_ADAPTER if name == BASE else name  # named per request: an engine may not see `_as_model`
+    outs = engine.run(prompt_requests(tokenizer, prompts, template, params, adapter=adapter))
     return prompts, [{"prediction": o.text.strip(), "finish_reason": o.finish_reason} for o in outs]
 
 
@@ -168,10 +173,15 @@ def paraphrase_problem(text: str, instruction: str, accepted: list[str]) -> str 
     return None
 
 
-def generate_paraphrases(rt: models.Runtime, task: LoadedTask, seed: int) -> tuple[list[str], dict[str, int]]:
-    """N paraphrases of a task's (single) instruction, sampled from the model with the generation backend, and
-    the count of rejected samples by reason."""
-    from specialize.generation import SamplingParams, generate
+def generate_paraphrases(
+    rt: models.Runtime, task: LoadedTask, seed: int, engine: TextEngine | None = None
+) -> tuple[list[str], dict[str, int]]:
+    """N paraphrases of a task's (single) instruction, sampled from the base model (on `engine`, default the
+    transformers one), and the count of rejected samples by reason."""
+    from specialize.generation import SamplingParams, prompt_requests
+    from specialize.generation.engines import HFEngine
+
+    engine = engine or HFEngine(rt.model, rt.tokenizer, rt.precision)
 
     instructions = {e.instruction for e in task.examples}
     if len(instructions) != 1:
@@ -185,7 +195,7 @@ def generate_paraphrases(rt: models.Runtime, task: LoadedTask, seed: int) -> tup
     rejected: Counter[str] = Counter()
     for i in range(task.spec.generate_paraphrases * 5):  # resample unusable rewrites, within a bound
         params = SamplingParams(max_new_tokens=128, temperature=0.8, top_p=0.95, seed=seed + i, stop=("\n\n",))
-        [c] = generate(rt.model, rt.tokenizer, [prompt], template, params, precision=rt.precision)
+        [c] = engine.run(prompt_requests(rt.tokenizer, [prompt], template, params))
         text = c.text.strip()
         problem = paraphrase_problem(text, instruction, out) if c.finish_reason != "length" else "cut off"
         if problem:
@@ -220,7 +230,7 @@ def _as_model(rt: models.Runtime, name: str) -> Iterator[None]:
 def _fingerprint(cfg: EvalConfig) -> str:
     """What determines the predictions: settings, model identity and adapter weights (not where they go)."""
     return fingerprint({
-        "config": cfg.model_dump(mode="json", exclude={"output_dir"}),
+        "config": {**cfg.model_dump(mode="json", exclude={"output_dir"}), "model": cfg.model.hashed()},
         "model": models.model_identity(cfg.model.spec),
         "adapters": {n: file_sha256(Path(p) / models.ADAPTER_WEIGHTS) for n, p in cfg.adapters.items()},
     })  # fmt: skip
@@ -264,10 +274,13 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> Summary:
     # a resumed run writes the same ones
     for task in tasks:
         if task.spec.generate_paraphrases:
-            generated[task.name], rejected[task.name] = generate_paraphrases(rt, task, cfg.seed)
+            generated[task.name], rejected[task.name] = generate_paraphrases(
+                rt, task, cfg.seed, engine_for(rt, cfg.model)
+            )
             task.spec = task.spec.model_copy(update={"paraphrases": task.spec.paraphrases + generated[task.name]})
     if cfg.adapters:
         rt.attach(cfg.adapters, cfg.template)
+    engine = engine_for(rt, cfg.model, batch_size=cfg.batch_size)
     units = list(_units(tasks, cfg.shots))
     names = _model_names(cfg)
     rows: list[Prediction] = []
@@ -287,7 +300,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> Summary:
                 examples = [with_demos(with_instruction(e, instruction), task.demos, k, cfg.seed, task.fallback_demos)
                             for e in task.examples]  # fmt: skip
                 with _as_model(rt, model_name):
-                    prompts, preds = _predict(rt, model_name, task, examples, cfg.batch_size)
+                    prompts, preds = _predict(rt, engine, model_name, task, examples, cfg.batch_size)
                 unit = [_row(model_name, task, k, variant, ex, prompt, pred)
                         for ex, prompt, pred in zip(examples, prompts, preds, strict=True)]  # fmt: skip
                 append_log(out / PARTIAL, *(p.model_dump(exclude_none=True) for p in unit), {"unit_done": list(key)})

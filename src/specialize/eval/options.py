@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from specialize.generation.loop import left_pad
-from specialize.models import Precision, inference_mode
+from specialize.models import Precision, cache_of, inference_mode, kv
 from specialize.prompts import encode_response
 
 # Rows (example x option) per forward pass: bounds memory when a task has hundreds of options, since the pass
@@ -94,7 +94,7 @@ def _prefill(model, prompts, pad, device):
     cache = None
     if shared >= MIN_SHARED_PREFIX:
         head = torch.tensor([list(prompts[0][:shared])], device=device)
-        cache = model(input_ids=head, use_cache=True).cache
+        cache = cache_of(model(input_ids=head, use_cache=True))
         cache.batch_repeat_interleave(len(prompts))
     else:
         shared = 0
@@ -102,8 +102,8 @@ def _prefill(model, prompts, pad, device):
     mask = torch.cat([torch.ones(len(prompts), shared, dtype=tail_mask.dtype), tail_mask], dim=1)
     positions = (mask.cumsum(-1) - 1)[:, shared:].clamp(min=0)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                cache=cache, use_cache=True)  # fmt: skip
-    return out.logits[:, -1], out.cache, mask
+                use_cache=True, **kv(cache))  # fmt: skip
+    return out.logits[:, -1], cache_of(out), mask
 
 
 def _score_batch(model, prompts, option_ids, pad, device) -> list[list[float]]:
@@ -137,8 +137,8 @@ def _score_rows(model, cache, mask, first_logp, rows, pad, device) -> list[float
         input_ids=opt.to(device),
         attention_mask=torch.cat([mask[owner], opt_mask], dim=1).to(device),
         position_ids=opt_positions.to(device),
-        cache=cache,
         use_cache=True,
+        **kv(cache),
     )
     later_logp = F.log_softmax(second.logits[:, :-1].float(), dim=-1)  # position j predicts token j + 1
     scores = []

@@ -38,9 +38,33 @@ def generate(
     adapter: str | None = None,
 ) -> list[Output]:
     """Complete rendered prompts, in input order (each prompt is a request with these parameters and seed)."""
-    params = params or SamplingParams()
-    requests = [Request([encode_prompt(p, template, tokenizer)], params, adapter=adapter) for p in prompts]
+    requests = prompt_requests(tokenizer, prompts, template, params, adapter=adapter)
     return run_requests(model, tokenizer, requests, batch_size=batch_size, precision=precision)
+
+
+def prompt_requests(
+    tokenizer: Any, prompts: Sequence[str], template: PromptTemplate, params: SamplingParams | None = None,
+    *, adapter: str | None = None,
+) -> list[Request]:  # fmt: skip
+    """One request per rendered prompt, for any engine (`engines.TextEngine.run`)."""
+    params = params or SamplingParams()
+    return [Request([encode_prompt(p, template, tokenizer)], params, adapter=adapter) for p in prompts]
+
+
+def mixture_requests(
+    contexts: Sequence[Sequence[list[int]]],
+    weights: Sequence[Sequence[float]],
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    contrastive: float | None = None,
+) -> list[Request]:
+    """One request per item: its contexts mixed with its weights (eq. 2), optionally contrasted with the base
+    (eq. 3); `params` may give each item its own."""
+    per_item = [params] * len(contexts) if isinstance(params, SamplingParams) else list(params)
+    if len(per_item) != len(contexts) or len(weights) != len(contexts):
+        raise ValueError("one weight list (and parameter set, when a list is given) per item")
+    return [Request([list(c) for c in ctx], p, weights=list(w), contrastive=contrastive)
+            for ctx, w, p in zip(contexts, weights, per_item, strict=True)]  # fmt: skip
 
 
 def generate_mixture(
@@ -57,9 +81,5 @@ def generate_mixture(
     """One continuation per item from the weighted mixture of its contexts' next-token distributions (eq. 2);
     with `contrastive` (alpha), scored against the base model, the same weights with the adapter switched off
     (eq. 3). `params` may give each item its own (its seed, say)."""
-    per_item = [params] * len(contexts) if isinstance(params, SamplingParams) else list(params)
-    if len(per_item) != len(contexts) or len(weights) != len(contexts):
-        raise ValueError("one weight list (and parameter set, when a list is given) per item")
-    requests = [Request([list(c) for c in ctx], p, weights=list(w), contrastive=contrastive)
-                for ctx, w, p in zip(contexts, weights, per_item, strict=True)]  # fmt: skip
+    requests = mixture_requests(contexts, weights, params, contrastive=contrastive)
     return run_requests(model, tokenizer, requests, batch_size=batch_size, precision=precision)

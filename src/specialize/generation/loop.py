@@ -35,11 +35,15 @@ import torch.nn.functional as F
 from specialize.generation.lora import NO_ADAPTER as PEFT_BASE
 from specialize.generation.lora import StackedLoRA, adapters_off, tuner_layers
 from specialize.generation.params import SamplingParams
-from specialize.models import Precision, inference_mode
+from specialize.models import Precision, cache_of, inference_mode, kv
 
 FinishReason = Literal["stop", "length", "cancelled"]
 Policy = Literal["continuous", "static", "per_adapter"]
 LoraPath = Literal["stacked", "peft"]  # batched LoRA over stacked adapter weights, or PEFT's per-adapter loop
+
+
+class Unsupported(ValueError):
+    """A request an engine cannot compute exactly (it would have to approximate it): `engines.py`."""
 
 
 @dataclass(frozen=True)
@@ -483,8 +487,8 @@ class TokenLoop:
         lo, hi = b.cols, min(b.cols + cols, width)
         positions = (b.mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(b.adapters, input_ids=b.ids[:, lo:hi], attention_mask=b.mask[:, :hi],
-                            position_ids=positions[:, lo:hi], cache=b.cache, logits_to_keep=1)  # fmt: skip
-        b.cache, b.cols, b.last = out.cache, hi, out.logits[:, -1]
+                            position_ids=positions[:, lo:hi], **kv(b.cache), logits_to_keep=1)  # fmt: skip
+        b.cache, b.cols, b.last = cache_of(out), hi, out.logits[:, -1]
         self.stats["prefill_tokens"] += int(b.mask[:, lo:hi].sum())
         if b.cols < width:
             return
@@ -537,8 +541,8 @@ class TokenLoop:
         rows = self.rows
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows), 1))], dim=1)
         out = self._forward(rows.adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=rows.mask,
-                            position_ids=rows.next_pos[:, None], cache=rows.cache)  # fmt: skip
-        rows.cache, rows.next_pos = out.cache, rows.next_pos + 1
+                            position_ids=rows.next_pos[:, None], **kv(rows.cache))  # fmt: skip
+        rows.cache, rows.next_pos = cache_of(out), rows.next_pos + 1
         rows.logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
         self.stats["decode_rows"] += len(rows)
 

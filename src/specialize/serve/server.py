@@ -63,6 +63,10 @@ def resolve_token(cfg: ServeConfig) -> str | None:
 
 
 def build_engine(cfg: ServeConfig) -> Engine:
+    if cfg.model.engine != "hf":
+        # offline generation (generate, synth, eval) runs on vLLM; the server's engine does not yet (issue #14)
+        raise ConfigError("specialize serve runs on the transformers engine only (engine: hf) for now; "
+                          "`specialize generate/synth/eval --engine vllm` use vLLM")  # fmt: skip
     rt = models.load_runtime(cfg.model, template=cfg.template)
     engine = Engine(rt.model, rt.tokenizer, base_name=cfg.base_name, max_batch_size=cfg.max_batch_size,
                     max_tokens=cfg.max_tokens_in_flight, prefill_tokens=cfg.prefill_tokens,

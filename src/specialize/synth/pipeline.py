@@ -17,6 +17,7 @@ import json
 import random
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from specialize import models
 from specialize.config import ConfigError, ModelConfig, Retrieval
 from specialize.data import Example, read_records, write_jsonl
-from specialize.generation import SamplingParams, generate_mixture, retrieval_weights
+from specialize.generation import Output, Request, SamplingParams, mixture_requests, retrieval_weights
+from specialize.generation.engines import HFEngine, TextEngine, engine_for, run_split
 from specialize.hashing import file_sha256, fingerprint
 from specialize.io import append_log, atomic_write_text, read_log
 from specialize.prompts import encode_prompt
@@ -78,6 +80,7 @@ class SynthConfig(BaseModel):
 
     def fingerprint(self) -> str:
         blob = self.model_dump(mode="json", exclude={"output_dir", "num", "max_batches"})
+        blob["model"] = self.model.hashed()
         blob["model_info"] = models.model_identity(self.model.spec)
         if self.adapter:
             blob["adapter_sha256"] = file_sha256(Path(self.adapter) / models.ADAPTER_WEIGHTS)
@@ -152,7 +155,7 @@ class Pool:
                     "id": f"it{self.cfg.iteration}-b{record['batch']:04d}-p{p:02d}-i{i:02d}",
                     "instruction": item.instruction, "input": item.input, "demo_ids": out["demo_ids"],
                     "batch": record["batch"], "sampling_seed": record["sampling_seed"] + p,
-                    "generated_at": record["time"],
+                    "generated_at": record["time"], "engine": out.get("engine", "hf"),
                 })  # fmt: skip
 
     @property
@@ -170,7 +173,21 @@ def _seeded(params: SamplingParams, seed: int, n: int) -> list[SamplingParams]:
     return [params.model_copy(update={"seed": seed + i}) for i in range(n)]
 
 
-def generate_instructions(cfg: SynthConfig, rt: models.Runtime, seeds: list[Example], out: Path, progress) -> Pool:
+@dataclass
+class Engines:
+    """The configured engine and the transformers engine, which runs what the first cannot compute exactly."""
+
+    main: TextEngine
+    fallback: TextEngine
+
+    def run(self, requests: list[Request], what: str) -> tuple[list[Output], list[str]]:
+        """Outputs, and the name of the engine that made each (the provenance records it)."""
+        names = [self.main.name if self.main.supports(r) is None else self.fallback.name for r in requests]
+        return run_split(self.main, self.fallback, requests, what), names
+
+
+def generate_instructions(cfg: SynthConfig, engines: Engines, tokenizer, seeds: list[Example], out: Path,
+                          progress) -> Pool:  # fmt: skip
     log = out / "instructions.log.jsonl"
     template_text = Path(cfg.instruction_prompt_file).read_text() if cfg.instruction_prompt_file else INSTRUCTION_PROMPT
     pool = Pool(cfg, seeds)
@@ -184,15 +201,14 @@ def generate_instructions(cfg: SynthConfig, rt: models.Runtime, seeds: list[Exam
             raise RuntimeError(f"{cfg.max_batches} batches gave only {len(pool.items)} of {cfg.num} instructions")
         demos, sampling_seed = _batch_plan(cfg, seeds, batch)
         prompts = [instruction_prompt(cfg.domain, d, cfg.list_size, template_text, cfg.demo_input_words) for d in demos]
-        ids = [[rt.tokenizer(p)["input_ids"]] for p in prompts]  # raw text continuation: no chat/Alpaca wrapper
+        ids = [[tokenizer(p)["input_ids"]] for p in prompts]  # raw text continuation: no chat/Alpaca wrapper
         params = _seeded(cfg.instruction_sampling, sampling_seed, len(ids))
-        decoded = generate_mixture(rt.model, rt.tokenizer, ids, [[1.0]] * len(ids), params,
-                                   contrastive=_contrastive(cfg),
-                                   precision=rt.precision)  # fmt: skip
+        requests = mixture_requests(ids, [[1.0]] * len(ids), params, contrastive=_contrastive(cfg))
+        decoded, engine = engines.run(requests, "synth instructions")
         record = {
             "batch": batch, "sampling_seed": sampling_seed, "time": time.time(),
-            "outputs": [{"demo_ids": [x.id for x in d], "text": o.text,
-                         "finish_reason": o.finish_reason} for d, o in zip(demos, decoded, strict=True)],
+            "outputs": [{"demo_ids": [x.id for x in d], "text": o.text, "finish_reason": o.finish_reason,
+                         "engine": e} for d, o, e in zip(demos, decoded, engine, strict=True)],
         }  # fmt: skip
         append_log(log, record)
         pool.offer_batch(record)
@@ -201,7 +217,8 @@ def generate_instructions(cfg: SynthConfig, rt: models.Runtime, seeds: list[Exam
     return pool
 
 
-def generate_responses(cfg: SynthConfig, rt: models.Runtime, pool: Pool, out: Path, progress) -> dict[str, dict]:
+def generate_responses(cfg: SynthConfig, engines: Engines, tokenizer, pool: Pool, out: Path,
+                       progress) -> dict[str, dict]:  # fmt: skip
     from specialize.synth.retrieval import Retriever
 
     log = out / "responses.log.jsonl"
@@ -222,19 +239,17 @@ def generate_responses(cfg: SynthConfig, rt: models.Runtime, pool: Pool, out: Pa
         for it, hs in zip(items, hits, strict=True):
             docs = [clip_words(h.text, cfg.document_words) for h in hs] or [None]
             templates = [ExpertTemplate(cfg.domain, d, preamble) for d in docs]
-            contexts.append(
-                [encode_prompt(t.render(it["instruction"], it["input"]), t, rt.tokenizer) for t in templates]
-            )
+            contexts.append([encode_prompt(t.render(it["instruction"], it["input"]), t, tokenizer) for t in templates])
             weights.append(retrieval_weights([h.score for h in hs]) if hs else [1.0])
         seed = random.Random(f"{cfg.seed}:responses:{items[0]['id']}").randrange(2**31)
         params = _seeded(cfg.response_sampling, seed, len(items))
-        decoded = generate_mixture(rt.model, rt.tokenizer, contexts, weights, params, contrastive=_contrastive(cfg),
-                                   precision=rt.precision)  # fmt: skip
+        requests = mixture_requests(contexts, weights, params, contrastive=_contrastive(cfg))
+        decoded, engine = engines.run(requests, "synth responses")
         record = {"time": time.time(), "items": [
             {"id": it["id"], "output": o.text.strip(),
              "finish_reason": o.finish_reason, "docs": [h.doc_id for h in hs],
-             "doc_scores": [h.score for h in hs], "weights": w, "sampling_seed": p.seed}
-            for it, o, hs, w, p in zip(items, decoded, hits, weights, params, strict=True)]}  # fmt: skip
+             "doc_scores": [h.score for h in hs], "weights": w, "sampling_seed": p.seed, "engine": e}
+            for it, o, hs, w, p, e in zip(items, decoded, hits, weights, params, engine, strict=True)]}  # fmt: skip
         append_log(log, record)
         for r in record["items"]:
             done[r["id"]] = {**r, "generated_at": record["time"]}
@@ -260,6 +275,8 @@ def assemble(cfg: SynthConfig, pool: Pool, responses: dict[str, dict]) -> tuple[
                 "response_sampling": {**cfg.response_sampling.model_dump(), "seed": r["sampling_seed"]},
                 "retrieval": cfg.retrieval, "docs": r["docs"], "doc_scores": r["doc_scores"], "weights": r["weights"],
                 "response_finish_reason": r["finish_reason"], "model": model_info,
+                # which engine wrote each part (older logs predate the choice: the transformers engine)
+                "engine": {"instruction": it["engine"], "response": r.get("engine", "hf")},
                 "adapter_sha256": adapter_hash, "contrastive": cfg.contrastive and bool(cfg.adapter),
                 "iteration": cfg.iteration,
             }, "timestamps": {"instruction": it["generated_at"], "response": r["generated_at"]}},
@@ -291,10 +308,12 @@ def run_synth(cfg: SynthConfig, *, progress: bool = True) -> Path:
 
     # synth renders its own prompts (raw continuation, the expert template), so no checkpoint template applies
     rt = models.load_runtime(cfg.model, adapters={SPECIALIST: cfg.adapter} if cfg.adapter else None)
+    hf = HFEngine(rt.model, rt.tokenizer, rt.precision, batch_size=64)
+    engines = Engines(engine_for(rt, cfg.model) if cfg.model.engine != "hf" else hf, hf)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
-        pool = generate_instructions(cfg, rt, seeds, out, bar)
-        responses = generate_responses(cfg, rt, pool, out, bar)
+        pool = generate_instructions(cfg, engines, rt.tokenizer, seeds, out, bar)
+        responses = generate_responses(cfg, engines, rt.tokenizer, pool, out, bar)
     examples, counts = assemble(cfg, pool, responses)
     data = out / "data.jsonl"
     write_jsonl(examples, data)
