@@ -465,6 +465,61 @@ def attach_adapters(model: Any, adapters: dict[str, str | Path], *, trainable: b
     return model
 
 
+def write_cat_mix(sources: dict[str, str | Path], weights: list[float], out: str | Path) -> Path:
+    """A PEFT adapter directory holding the weighted `cat` combination of LoRA adapters, computed from their files
+    (no model needed), exactly as PEFT's `add_weighted_adapter(..., combination_type="cat")` builds it in memory:
+    each A scaled by its weight and its own scaling (alpha / r, or alpha / sqrt(r) with rsLoRA), A stacked along
+    the rank, B along its columns, rank = the sum of the ranks, alpha = that rank (scaling 1). An engine that
+    loads adapters from disk (vLLM) serves a mix this way. Per-layer rank or alpha patterns are refused: their
+    module-name matching is PEFT's own."""
+    from safetensors.torch import load_file, save_file
+
+    if len(sources) != len(weights) or not sources:
+        raise ValueError("give one weight per source adapter")
+    configs, tensors = [], []
+    for name, path in sources.items():
+        path = check_adapter(name, path)
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        if str(cfg.get("peft_type", "")).upper() != "LORA":
+            raise ValueError(f"adapter {name!r} is not LoRA")
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("use_dora"):
+            raise ValueError(f"adapter {name!r} has per-layer ranks, alphas or DoRA; mix it with PEFT instead")
+        configs.append(cfg)
+        tensors.append(load_file(str(path / ADAPTER_WEIGHTS)))
+    ranks = [int(c["r"]) for c in configs]
+    scalings = [c["lora_alpha"] / (r**0.5 if c.get("use_rslora") else r) for c, r in zip(configs, ranks, strict=True)]
+    total = sum(ranks)
+    modules = sorted({k.rsplit(".lora_", 1)[0] for t in tensors for k in t if ".lora_A." in k})
+    mixed: dict[str, torch.Tensor] = {}
+    for module in modules:
+        a_key, b_key = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        have = [(t[a_key], t[b_key]) for t in tensors if a_key in t]
+        in_f, out_f, dtype = have[0][0].shape[1], have[0][1].shape[0], have[0][0].dtype
+        a, b = torch.zeros(total, in_f, dtype=torch.float32), torch.zeros(out_f, total, dtype=torch.float32)
+        row = 0
+        for t, r, w, sc in zip(tensors, ranks, weights, scalings, strict=True):
+            if a_key in t:  # an adapter without this module leaves its block zero: it adds nothing here
+                a[row : row + r] = t[a_key].float() * w * sc
+                b[:, row : row + r] = t[b_key].float()
+            row += r
+        mixed[a_key], mixed[b_key] = a.to(dtype), b.to(dtype)
+    targets = [c["target_modules"] for c in configs]
+    if all(isinstance(t, list) for t in targets):
+        target: Any = sorted({m for t in targets for m in t})
+    elif all(isinstance(t, str) for t in targets):
+        target = "|".join(f"({t})" for t in targets)
+    else:
+        raise ValueError("the adapters' target_modules mix lists and patterns; mix them with PEFT instead")
+    config = {**configs[0], "r": total, "lora_alpha": total, "target_modules": target, "use_rslora": False,
+              "rank_pattern": {}, "alpha_pattern": {}}  # fmt: skip
+    out = Path(out)
+    with atomic_path(out, is_dir=True) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file(mixed, str(tmp / ADAPTER_WEIGHTS))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the runtime handle
 
 

@@ -142,3 +142,24 @@ def test_synth_on_vllm_writes_the_same_artifact_with_the_engine_in_its_provenanc
         assert set(prov) >= {"seed_demo_ids", "instruction_sampling", "response_sampling", "retrieval", "docs",
                              "doc_scores", "weights", "model", "iteration"}  # fmt: skip
         assert len(prov["docs"]) == 2 and r["instruction"] and r["output"]
+
+
+@pytest.mark.slow
+def test_evaluation_on_vllm_predicts_what_the_transformers_engine_predicts(tmp_path, shared_data, adapters):
+    """`engine: vllm` in an evaluation: the generation protocol (NQ-open, 8 questions, base and an adapter,
+    k = 0 and 1) gives the same predictions and scores as the default engine, float32 greedy."""
+    from specialize.eval.harness import EvalConfig, evaluate
+
+    def run(engine: str) -> list[dict]:
+        cfg = EvalConfig(model={"dtype": "float32", "threads": 2, "engine": engine}, tasks=["nq_open"], limit=8,
+                         shots=[0, 1], adapters={"a1": str(adapters["a1"])}, data_root=str(shared_data),
+                         output_dir=str(tmp_path / engine), bootstrap_resamples=100)  # fmt: skip
+        evaluate(cfg, progress=False)
+        return [json.loads(x) for x in (tmp_path / engine / "predictions.jsonl").read_text().splitlines()]
+
+    hf, vllm = run("hf"), run("vllm")
+    assert len(hf) == 2 * 2 * 8
+    assert [(r["model"], r["prediction"], r["scores"]) for r in vllm] == [
+        (r["model"], r["prediction"], r["scores"]) for r in hf
+    ]
+    assert {r["model"] for r in hf} == {"base", "a1"}
