@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -33,8 +35,9 @@ from common import SHARED, make_adapters
 
 from specialize.generation import Request, SamplingParams, TokenLoop
 from specialize.models import load_model, select_precision
+from specialize.prompts import AlpacaTemplate
 from specialize.serve.engine import Engine
-from specialize.serve.server import ServeConfig, running
+from specialize.serve.server import ServeConfig, build_engine, running
 
 POLICIES = {  # name: (loop policy, batch override, how mixed batches apply LoRA)
     "continuous": ("continuous", None, "stacked"),
@@ -42,10 +45,15 @@ POLICIES = {  # name: (loop policy, batch override, how mixed batches apply LoRA
     "static": ("static", None, "stacked"),
     "per_adapter": ("per_adapter", None, "stacked"),
     "switch": ("per_adapter", 1, "stacked"),
+    "vllm": ("vllm", None, ""),  # this server on the vLLM engine (run from .venv-vllm)
+    "vllm_openai": ("vllm_openai", None, ""),  # vLLM's own OpenAI server, same weights and adapters
 }
 
 
-async def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, deadline: float) -> dict:
+async def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, deadline: float,
+               raw: bool = False) -> dict:  # fmt: skip
+    """Chat requests; `raw`: the same Alpaca-rendered prompt as a completion, run to max_tokens (`ignore_eos`), so
+    that two different servers receive identical token streams."""
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
     gate = asyncio.Semaphore(concurrency)
     latencies, tokens, errors = [], 0, 0
@@ -57,8 +65,14 @@ async def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_toke
                 return
             start = time.perf_counter()
             try:
-                r = await client.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0,
-                                                         messages=[{"role": "user", "content": prompt}])  # fmt: skip
+                if raw:
+                    r = await client.completions.create(model=model, max_tokens=max_tokens, temperature=0,
+                                                        prompt=AlpacaTemplate().render(prompt),
+                                                        extra_body={"ignore_eos": True})  # fmt: skip
+                else:
+                    messages = [{"role": "user", "content": prompt}]
+                    r = await client.chat.completions.create(model=model, max_tokens=max_tokens, temperature=0,
+                                                             messages=messages)  # fmt: skip
                 tokens += r.usage.completion_tokens
                 latencies.append(time.perf_counter() - start)
             except openai.APIError as err:
@@ -102,6 +116,44 @@ async def latency_under_load(
 
     return {"alone_p50_s": statistics.median(alone), "alone_p95_s": p95(alone),
             "loaded_p50_s": statistics.median(loaded), "loaded_p95_s": p95(loaded), "long_s": max(long_s)}  # fmt: skip
+
+
+@contextlib.contextmanager
+def vllm_openai(adapters: dict[str, str], threads: int) -> Iterator[str]:
+    """vLLM's own OpenAI server (a subprocess) over the same weights and adapters; yields its base URL."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from specialize.models import EMBEDDED, weights_dir
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, range(threads))),
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}  # fmt: skip
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights_dir(EMBEDDED)),
+           "--served-model-name", "base", "--dtype", "bfloat16", "--port", str(port), "--host", "127.0.0.1",
+           "--enable-lora", "--max-lora-rank", "16", "--max-loras", str(len(adapters) + 1),
+           "--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("vLLM's OpenAI server did not start") from None
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def step_cost(model, tok, names: list[str], batch: int, lora: str, steps: int = 24) -> float:
@@ -152,6 +204,7 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=256)
     ap.add_argument("--short-tokens", type=int, default=8)
     ap.add_argument("--steps", action="store_true", help="time single decode steps: base only vs mixed adapters")
+    ap.add_argument("--raw", action="store_true", help="completions of the same rendered prompts, to max tokens")
     args = ap.parse_args()
 
     rows = json.loads((SHARED / "generalist/alpaca_gpt4_sample/alpaca_en_demo.json").read_text())
@@ -166,20 +219,27 @@ def main() -> None:
         results = {}
         for policy in args.policies.split(","):
             mode, batch, lora = POLICIES[policy]
-            cfg = ServeConfig(port=0, adapters=adapters, policy=mode, max_batch_size=batch or args.batch,
-                              batch_wait_ms=20)  # fmt: skip
-            engine = Engine(model, tok, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
-                            policy=mode, precision=select_precision("auto", "cpu"), lora=lora)  # fmt: skip
-            for name, path in adapters.items():
-                engine.add_adapter(name, path)
-            with running(cfg, engine) as url:
+            cfg = ServeConfig(port=0, adapters=adapters, policy=mode if lora else "continuous",
+                              max_batch_size=batch or args.batch, batch_wait_ms=20)  # fmt: skip
+            if mode == "vllm":
+                vcfg = cfg.model_copy(
+                    update={"model": cfg.model.model_copy(update={"engine": "vllm", "threads": args.threads})}
+                )
+                engine = build_engine(vcfg)
+            elif mode != "vllm_openai":
+                engine = Engine(model, tok, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
+                                policy=mode, precision=select_precision("auto", "cpu"), lora=lora)  # fmt: skip
+                for name, path in adapters.items():
+                    engine.add_adapter(name, path)
+            with vllm_openai(adapters, args.threads) if mode == "vllm_openai" else running(cfg, engine) as url:
                 if args.latency:
                     r = asyncio.run(latency_under_load(url, jobs[: args.concurrency // 2], jobs[-8:], args.long_tokens,
                                                        args.short_tokens))  # fmt: skip
                 else:
                     r = asyncio.run(load(url, jobs, args.concurrency, args.max_tokens,
-                                         time.perf_counter() + args.max_seconds))  # fmt: skip
-            model = engine.model.unload()  # the bare base again, for the next policy's engine
+                                         time.perf_counter() + args.max_seconds, raw=args.raw))  # fmt: skip
+            if not mode.startswith("vllm"):
+                model = engine.model.unload()  # the bare base again, for the next policy's engine
             results[policy] = r
             if args.latency:
                 print(f"{policy:12s} short requests alone p50 {r['alone_p50_s']:.2f} s p95 {r['alone_p95_s']:.2f} s; "

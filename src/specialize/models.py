@@ -141,6 +141,16 @@ def weights_dir(spec: str = EMBEDDED, cache: Path | None = None) -> Path:
     return Path(_weights_dir(src, cache))
 
 
+def meta_model(spec: str = EMBEDDED, *, trust_remote_code: bool = False) -> Any:
+    """The model's modules without weights (on the meta device): what validating an adapter against the base
+    needs, where another engine (vLLM) holds the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(weights_dir(spec)), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def _hub_error(spec: str, err: Exception | None) -> ModelLoadError:
     why = f" ({err.__class__.__name__})" if err is not None else " (offline: no network or HF_HUB_OFFLINE set)"
     return ModelLoadError(

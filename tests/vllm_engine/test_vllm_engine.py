@@ -163,3 +163,55 @@ def test_evaluation_on_vllm_predicts_what_the_transformers_engine_predicts(tmp_p
         (r["model"], r["prediction"], r["scores"]) for r in hf
     ]
     assert {r["model"] for r in hf} == {"base", "a1"}
+
+
+@pytest.mark.slow
+def test_the_server_on_vllm_answers_as_on_the_transformers_engine(adapters, tmp_path):
+    """The same HTTP API, through the `openai` client: base and both adapters concurrently (one mixed batch),
+    streaming, an adapter registered and a cat mix made at run time, removal; float32 greedy texts equal the
+    server on the transformers engine."""
+    import asyncio
+
+    import openai
+
+    from specialize.serve.engine import EngineError
+    from specialize.serve.server import ServeConfig, build_engine, running
+
+    questions = INSTRUCTIONS[:4]
+
+    async def ask_all(url: str, models: list[str]) -> list[str]:
+        c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+        jobs = [c.chat.completions.create(model=m, messages=[{"role": "user", "content": q}], max_tokens=16,
+                                          temperature=0) for m in models for q in questions]  # fmt: skip
+        out = [r.choices[0].message.content for r in await asyncio.gather(*jobs)]
+        await c.close()
+        return out
+
+    def serve(engine_name: str) -> dict[str, object]:
+        model = {"engine": engine_name, "dtype": "float32", "threads": 2, "vllm": {"max_lora_rank": 32}}
+        cfg = ServeConfig(model=model, port=0, adapters={"a1": str(adapters["a1"])})
+        engine = build_engine(cfg)
+        got: dict[str, object] = {}
+        with running(cfg, engine) as url:
+            got["mixed"] = asyncio.run(ask_all(url, ["base", "a1"]))
+            engine.add_adapter("a2", adapters["a2"])  # registered while serving, no restart
+            engine.mix_adapters("mix", ["a1", "a2"], [0.6, 0.6], "cat")
+            if engine_name == "vllm":  # a cat mix has the sum of the ranks: 8 + 16 + 24 > max_lora_rank 32
+                with pytest.raises(EngineError, match="rank 48 .* above the engine's max_lora_rank 32"):
+                    engine.mix_adapters("too_big", ["a1", "a2", "mix"], [1.0, 1.0, 1.0], "cat")
+            got["late"] = asyncio.run(ask_all(url, ["a2", "mix", "base"]))
+            c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+            got["models"] = [m.id for m in c.models.list().data]
+            stream = c.chat.completions.create(model="a2", messages=[{"role": "user", "content": questions[0]}],
+                                               max_tokens=16, temperature=0, stream=True)  # fmt: skip
+            got["stream"] = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+            engine.remove_adapter("a1")
+            with pytest.raises(openai.NotFoundError):
+                c.chat.completions.create(model="a1", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        return got
+
+    hf, vllm = serve("hf"), serve("vllm")
+    assert vllm["models"] == hf["models"] == ["base", "a1", "a2", "mix"]
+    assert vllm["mixed"] == hf["mixed"] and vllm["late"] == hf["late"]
+    assert vllm["stream"] == hf["stream"] == hf["late"][0]
+    assert len({tuple(hf["late"][i : i + 4]) for i in (0, 4, 8)}) == 3  # a2, the mix and the base all differ

@@ -27,6 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from specialize.generation.lora import NO_ADAPTER as PEFT_BASE
 from specialize.generation.lora import StackedLoRA, adapters_off, tuner_layers
 from specialize.generation.params import SamplingParams
-from specialize.models import Precision, cache_of, inference_mode, kv
+from specialize.models import Precision, attach_adapters, cache_of, inference_mode, kv
 
 FinishReason = Literal["stop", "length", "cancelled"]
 Policy = Literal["continuous", "static", "per_adapter"]
@@ -210,6 +211,14 @@ class Request:
     def cost(self) -> int:
         """Tokens it may hold in the cache: every row's prompt plus the tokens it may generate."""
         return sum(len(c) for c, _ in self.row_prompts()) + self.n_rows * self.params.max_new_tokens
+
+
+def split_waiting(
+    waiting: deque[Request], only: Callable[[Request], bool] | None
+) -> tuple[deque[Request], list[Request]]:
+    """(the queue without the requests `only` selects, those requests); `only=None` selects all."""
+    chosen = [r for r in waiting if only is None or only(r)]
+    return deque(r for r in waiting if only is not None and not only(r)), chosen
 
 
 # ---------------------------------------------------------------------------------------------- the batch
@@ -423,6 +432,34 @@ class TokenLoop:
 
     # ---------------------------------------------------------------------------------- the model
 
+    # ---------------------------------------------------------------------------------- adapters (PEFT)
+
+    def attach(self, name: str, path: str | Path) -> None:
+        """Load a LoRA adapter next to the others; on failure, whatever PEFT injected is removed again."""
+        try:
+            self.model = attach_adapters(self.model, {name: path})
+        except Exception:
+            if name in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(name)
+            raise
+        finally:
+            self.adapters_changed()
+
+    def detach(self, name: str) -> None:
+        self.model.delete_adapter(name)
+        self.adapters_changed()
+
+    def mix(self, name: str, sources: list[str], weights: list[float], combination: str) -> None:
+        """A new adapter whose update is the weighted combination of others' (PEFT add_weighted_adapter)."""
+        try:
+            self.model.add_weighted_adapter(sources, weights, name, combination_type=combination)
+        except ValueError:  # e.g. "linear" over adapters of different ranks
+            if name in self.model.peft_config:
+                self.model.delete_adapter(name)
+            raise
+        finally:
+            self.adapters_changed()
+
     def adapters_changed(self) -> None:
         """Call after loading, mixing or deleting adapters: the stacked weights are rebuilt before the next step."""
         if self._stack is not None:
@@ -607,11 +644,9 @@ class TokenLoop:
     def fail_all(self, error: str, only: Callable[[Request], bool] | None = None) -> None:
         """End requests (all, or those `only` selects) with an error; the others go on."""
         with self.lock:
-            waiting = list(self.waiting)
-            self.waiting = deque(r for r in waiting if only is not None and not only(r))
-        for r in waiting:
-            if only is None or only(r):
-                self._finish(r, None, error)
+            self.waiting, failed = split_waiting(self.waiting, only)
+        for r in failed:
+            self._finish(r, None, error)
         if self.prefilling is not None and (only is None or any(only(r) for r in self.prefilling.requests)):
             redo = []  # a shared prefill cannot lose some of its rows: the others are prefilled again, first
             for r in self.prefilling.requests:

@@ -35,7 +35,6 @@ from specialize.models import (
     ADAPTER_WEIGHTS,
     ModelLoadError,
     Precision,
-    attach_adapters,
     check_adapter,
     resolve_template,
 )
@@ -110,14 +109,15 @@ class Engine:
         precision: Precision | None = None,
         base_template: TemplateName = "alpaca",
         template_override: TemplateName | None = None,
+        loop: Any = None,
     ):
-        self.model = model  # becomes a PeftModel when the first adapter is registered
         self.tokenizer = tokenizer
         self.base_name = base_name
         self.batch_wait_s = batch_wait_ms / 1000
         self.max_pending = max_pending
-        self.loop = TokenLoop(model, tokenizer, precision, max_rows=max_batch_size, max_tokens=max_tokens,
-                              prefill_tokens=prefill_tokens, policy=policy, lora=lora)  # fmt: skip
+        # the token loop (transformers), or anything with its serving surface (vllm_engine.VLLMLoop)
+        self.loop = loop or TokenLoop(model, tokenizer, precision, max_rows=max_batch_size, max_tokens=max_tokens,
+                                      prefill_tokens=prefill_tokens, policy=policy, lora=lora)  # fmt: skip
         self.adapters: dict[str, dict[str, Any]] = {}  # name -> {"path", "sha256"|"mix", "template"}
         # each model's prompt template: an adapter's is read from its directory unless the server overrides it
         self.template_override = template_override
@@ -129,6 +129,11 @@ class Engine:
         self._admin_waiting = 0  # admin calls waiting for the model: the loop lets them in before its next step
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    @property
+    def model(self) -> Any:
+        """The loop's model (a PeftModel once an adapter is registered on the token loop)."""
+        return self.loop.model
 
     @property
     def stats(self) -> dict[str, int]:
@@ -212,13 +217,9 @@ class Engine:
             with self._admin():
                 validate_lora(self.model, path)
                 try:
-                    self.model = self.loop.model = attach_adapters(self.model, {name: path})
-                except Exception as err:  # validation missed something: undo whatever PEFT injected
-                    if name in getattr(self.model, "peft_config", {}):
-                        self.model.delete_adapter(name)
+                    self.loop.attach(name, path)
+                except Exception as err:  # validation missed something (the loop undid what it loaded)
                     raise EngineError(f"cannot load adapter {name!r} from {path}: {err}") from err
-                finally:
-                    self.loop.adapters_changed()
             with self._names:
                 self.adapters[name] = {"path": str(path), "sha256": file_sha256(path / ADAPTER_WEIGHTS),
                                        "template": template}  # fmt: skip
@@ -233,8 +234,7 @@ class Engine:
                 raise EngineError(f"no adapter named {name!r}", status=404, code="model_not_found")
         with self._admin():
             self.loop.fail_all(f"the adapter {name!r} was removed", only=lambda r: r.adapter == name)
-            self.model.delete_adapter(name)
-            self.loop.adapters_changed()
+            self.loop.detach(name)
             with self._names:
                 del self.adapters[name]
 
@@ -255,13 +255,9 @@ class Engine:
         try:
             with self._admin():
                 try:
-                    self.model.add_weighted_adapter(sources, weights, name, combination_type=combination_type)
+                    self.loop.mix(name, sources, weights, combination_type)
                 except ValueError as err:  # e.g. "linear" over adapters of different ranks
-                    if name in self.model.peft_config:
-                        self.model.delete_adapter(name)
                     raise EngineError(f"cannot mix {sources}: {err}") from err
-                finally:
-                    self.loop.adapters_changed()
             with self._names:
                 self.adapters[name] = {"mix": {"sources": sources, "weights": weights, "combination": combination_type},
                                        "template": self.adapters[sources[0]]["template"]}  # fmt: skip

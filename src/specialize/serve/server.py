@@ -62,11 +62,31 @@ def resolve_token(cfg: ServeConfig) -> str | None:
     return token
 
 
+def build_vllm_engine(cfg: ServeConfig) -> Engine:
+    """The same server on vLLM: its engine decodes (vllm_engine.VLLMLoop), adapters are registered with it at run
+    time, and the base model's modules (without weights) validate adapters before they are."""
+    from specialize.generation.vllm_engine import VLLMEngine, VLLMLoop
+
+    m = cfg.model
+    precision = models.select_precision(m.dtype, m.device)
+    src = models.resolve(m.spec)
+    vllm = VLLMEngine(models.weights_dir(m.spec) if src.kind != "hub" else m.spec, serving=True,
+                      dtype=str(precision.param_dtype).removeprefix("torch."), device=m.device, settings=m.vllm,
+                      threads=m.threads, trust_remote_code=m.trust_remote_code)  # fmt: skip
+    loop = VLLMLoop(vllm, models.meta_model(m.spec, trust_remote_code=m.trust_remote_code))
+    base_template = models.resolve_template(cfg.template, src.location if src.kind == "local" else None,
+                                            f"model {m.spec}")  # fmt: skip
+    engine = Engine(None, models.load_tokenizer(m.spec, trust_remote_code=m.trust_remote_code),
+                    base_name=cfg.base_name, batch_wait_ms=cfg.batch_wait_ms, max_pending=cfg.max_pending,
+                    base_template=base_template, template_override=cfg.template, loop=loop)  # fmt: skip
+    for name, path in cfg.adapters.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
 def build_engine(cfg: ServeConfig) -> Engine:
-    if cfg.model.engine != "hf":
-        # offline generation (generate, synth, eval) runs on vLLM; the server's engine does not yet (issue #14)
-        raise ConfigError("specialize serve runs on the transformers engine only (engine: hf) for now; "
-                          "`specialize generate/synth/eval --engine vllm` use vLLM")  # fmt: skip
+    if cfg.model.engine == "vllm":
+        return build_vllm_engine(cfg)
     rt = models.load_runtime(cfg.model, template=cfg.template)
     engine = Engine(rt.model, rt.tokenizer, base_name=cfg.base_name, max_batch_size=cfg.max_batch_size,
                     max_tokens=cfg.max_tokens_in_flight, prefill_tokens=cfg.prefill_tokens,
