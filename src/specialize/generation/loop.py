@@ -89,7 +89,9 @@ def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Greedy (temperature 0) or top-p sampling from scores [V] (log-probabilities or any logits)."""
     if params.temperature == 0:
         return int(scores.argmax())
-    probs = F.softmax(scores.float() / params.temperature, dim=-1)
+    # sampled on the CPU whatever the model's device: a request's generator is a CPU generator, so the same seed
+    # draws the same tokens on every device
+    probs = F.softmax(scores.float().cpu() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < params.top_p  # the smallest set reaching top_p
@@ -549,7 +551,7 @@ class TokenLoop:
     def _scores(self, r: Request, logp: torch.Tensor) -> torch.Tensor:
         """The request's next-token scores [V] from its rows' log-probabilities [n_rows, V]."""
         k = len(r.contexts)
-        w = torch.tensor([r.weights], dtype=torch.float32)
+        w = torch.tensor([r.weights], dtype=torch.float32, device=logp.device)
         expert = logp[:k][None] if k > 1 else None
         scores = marginalize(expert, w)[0] if expert is not None else logp[0]
         if r.contrastive is not None:
@@ -563,11 +565,16 @@ class TokenLoop:
             return
         tokens: list[int] = []
         still: list[Request] = []
+        # every row's argmax in one op: one device sync per step for plain greedy requests, not one per request
+        greedy = self.rows.logp.argmax(-1).tolist()
         for r, span in self._spans():
             if r.cancelled.is_set():
                 self._finish(r, "cancelled")
                 continue
-            token = choose(self._scores(r, self.rows.logp[span]), r.params, r.generator)
+            if r.params.temperature == 0 and r.n_rows == 1:
+                token = greedy[span.start]
+            else:
+                token = choose(self._scores(r, self.rows.logp[span]), r.params, r.generator)
             if self._advance(r, token):
                 continue
             still.append(r)
