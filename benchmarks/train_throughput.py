@@ -3,7 +3,10 @@
 Same model (embedded SmolLM2-135M), same examples, max length 256, batch 8, same LoRA (r 8, alpha 16, all
 linear layers, no dropout) or full fine-tuning, bf16 autocast, same thread count. Tokens/s counts the
 non-padding tokens that reach the decoder (a forward hook, identical for both trainers); the first steps
-are warm-up and not timed. MFU = 6 x parameters x tokens/s / the best bf16 matmul throughput measured here.
+are warm-up and not timed. MFU = model FLOPs per token x tokens/s / the best bf16 matmul throughput measured
+in the same run over the model's GEMM shapes: 6N for full fine-tuning, and for LoRA the FLOPs it does, 4N (the
+forward and the input-gradient backward through the frozen weights, which need no weight gradient) + 6 x the
+adapter's parameters.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--threads 2] [--data alpaca_gpt4|sentiment]
 """
@@ -52,15 +55,27 @@ class TokenClock:
         self.handle = decoder.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
+        if not torch.is_grad_enabled():  # checks outside training (the recipe's packing check) are no steps
+            return
         self.calls += 1
         if self.calls == WARMUP + 1:  # one forward per step (batch == micro-batch)
             self.t0 = time.perf_counter()
-        if self.calls > WARMUP:
+        if self.calls > WARMUP and kwargs.get("attention_mask") is not None:
             self.tokens += int(kwargs["attention_mask"].sum())
 
     def rate(self) -> float:
         # the last step's backward and optimizer update are inside the measured window too
         return self.tokens / (time.perf_counter() - self.t0)
+
+
+def lora_params() -> int:
+    """Parameters of the benchmark's adapter (r 8 on every linear layer of the decoder)."""
+    from peft import LoraConfig, get_peft_model
+
+    from specialize.models import meta_model
+
+    model = get_peft_model(meta_model(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
 
 
 def examples_for(data: str, n: int):
@@ -76,8 +91,8 @@ def run_specialize(method: str, data: str, steps: int, threads: int, compile_: b
     clock: list[TokenClock] = []
     real_build = sft.build_model
 
-    def build_and_clock(cfg, init_from):
-        model, tok = real_build(cfg, init_from)
+    def build_and_clock(*args):
+        model, tok = real_build(*args)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         clock.append(TokenClock(base.get_decoder()))
         return model, tok
@@ -92,9 +107,12 @@ def run_specialize(method: str, data: str, steps: int, threads: int, compile_: b
                         "max_length": SEQ}],
         })  # fmt: skip
         try:
-            run_training(cfg)
+            [res] = run_training(cfg)
         finally:
             sft.build_model = real_build
+        # packed rows carry no attention mask to count: the timed steps' real tokens come from the recipe's metrics
+        steps = [json.loads(line) for line in (Path(res.dir) / "metrics.jsonl").read_text().splitlines()]
+        clock[0].tokens = sum(r["tokens"] for r in steps[WARMUP:])
     return clock[0].rate()
 
 
@@ -141,6 +159,7 @@ def main() -> None:
     from specialize.models import load_model
 
     params = sum(p.numel() for p in load_model("embedded")[0].parameters())
+    flops = {"full": 6 * params, "lora": 4 * params + 6 * lora_params()}  # per token
     peak = matmul_peak(args.threads)
     print(f"bf16 matmul peak: {peak / 1e12:.3f} TFLOP/s ({args.threads} threads); params {params / 1e6:.1f}M")
     rows = []
@@ -151,11 +170,11 @@ def main() -> None:
         theirs_nockpt = run_trl(method, args.data, args.steps, args.threads, checkpointing=False)
         row = {"method": method, "data": args.data, "specialize_tok_s": ours, "trl_tok_s": theirs,
                "trl_no_ckpt_tok_s": theirs_nockpt, "ratio": ours / theirs, "ratio_no_ckpt": ours / theirs_nockpt,
-               "mfu_specialize": 6 * params * ours / peak, "mfu_trl": 6 * params * theirs / peak,
-               "mfu_trl_no_ckpt": 6 * params * theirs_nockpt / peak}  # fmt: skip
+               "mfu_specialize": flops[method] * ours / peak, "mfu_trl": flops[method] * theirs / peak,
+               "mfu_trl_no_ckpt": flops[method] * theirs_nockpt / peak}  # fmt: skip
         if args.compile:
             row["specialize_compiled_tok_s"] = run_specialize(method, args.data, args.steps, args.threads, True)
-            row["mfu_specialize_compiled"] = 6 * params * row["specialize_compiled_tok_s"] / peak
+            row["mfu_specialize_compiled"] = flops[method] * row["specialize_compiled_tok_s"] / peak
         rows.append(row)
         print(
             f"{method:5s} {args.data}: specialize {ours:7.1f} tok/s (MFU {row['mfu_specialize']:.1%})  "

@@ -160,3 +160,27 @@ def test_training_on_cuda_learns_and_resumes_to_the_same_adapter(tmp_path, tiny_
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     steps = [json.loads(x)["step"] for x in (stage / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 25))
+
+
+def test_packed_rows_on_cuda_give_the_unpacked_loss_and_gradients(tiny_model, gpt2_style_tokenizer):
+    """Packing on the GPU: transformers' block-diagonal mask from restarting position ids (sdpa on CUDA)."""
+    from specialize.data import Example
+    from specialize.prompts import AlpacaTemplate, tokenize_for_training
+    from specialize.train.batching import collate, pack_rows
+    from specialize.train.loss import ResponseLoss, honours_packing
+
+    model = on(tiny_model, "cuda")
+    feats = [tokenize_for_training(Example(id=str(i), instruction=f"Question {i}?", output="yes " * (i + 1)),
+                                   AlpacaTemplate(), gpt2_style_tokenizer, 256) for i in range(6)]  # fmt: skip
+    rows = pack_rows(range(6), [len(f.input_ids) for f in feats], capacity=256)
+    assert honours_packing(model) and any(len(r) > 1 for r in rows)
+    pad = gpt2_style_tokenizer.eos_token_id
+    results = []
+    for batch in (collate([[feats[i] for i in r] for r in rows], pad, packed=True), collate([[f] for f in feats], pad)):
+        model.zero_grad()
+        loss = ResponseLoss(model)(**{k: v.cuda() for k, v in batch.items()})
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

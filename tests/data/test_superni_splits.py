@@ -46,3 +46,19 @@ def test_no_training_mix_contains_an_official_test_task(shared_data: Path):
     examples, _ = build_mix([SourceSpec(path=str(shared_data / "superni/tasks"),
                                                categories=["Sentiment Analysis"], amount=200)], seed=0)  # fmt: skip
     assert examples and not {e.task for e in examples} & test
+
+
+def test_classification_training_tasks_follow_the_same_rule(shared_data: Path):
+    """The specialist mix of the Classification level takes train tasks by the rule evaluation applies."""
+    from specialize.train.mixing import SourceSpec, build_mix
+
+    root = shared_data / "superni/tasks"
+    examples, _ = build_mix([SourceSpec(path=str(root), classification=10, amount=300)], seed=0)
+    tasks = {e.task for e in examples}
+    files = superni_task_files(root)
+    assert len(tasks) > 100  # an equal share of 300 over the rule's tasks: about one example each
+    for name in tasks:
+        labels = closed_label_set(read_superni_task(files[name]), 10)
+        assert labels is not None
+        assert all(set(e.references) <= set(labels) for e in examples if e.task == name)
+    assert not tasks & (official_test_tasks(root) or set())

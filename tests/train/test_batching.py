@@ -22,7 +22,7 @@ def test_step_plan_covers_each_epoch_once():
 
 def test_micro_batches_sorted_by_length_and_shards_partition():
     mbs = micro_batches([0, 1, 2, 3, 4], lengths=[5, 1, 4, 2, 3], size=2)
-    assert mbs == [[1, 3], [4, 2], [0]]
+    assert mbs == [[[1], [3]], [[4], [2]], [[0]]]
     idx = list(range(7))
     assert sorted(shard(idx, 0, 2) + shard(idx, 1, 2)) == idx
 
@@ -32,7 +32,7 @@ def test_collate_masks_padding_by_position_even_when_pad_is_eos(gpt2_style_token
     t = AlpacaTemplate()
     feats = [tokenize_for_training(Example(id=str(i), instruction="Say it.", output=o), t, tok, 128)
              for i, o in enumerate(["yes", "a much longer answer here"])]  # fmt: skip
-    batch = collate(feats, pad_id=tok.eos_token_id)
+    batch = collate([[f] for f in feats], pad_id=tok.eos_token_id)
     short = len(feats[0].input_ids)
     assert batch["input_ids"][0, short:].eq(tok.eos_token_id).all()  # padded with EOS...
     assert batch["labels"][0, short:].eq(IGNORE_INDEX).all()  # ...but padding carries no loss
@@ -46,7 +46,7 @@ def test_response_loss_matches_full_logits_on_response_positions_only(tiny_model
     t = AlpacaTemplate()
     feats = [tokenize_for_training(Example(id=str(i), instruction=q, output=a), t, tok, 128)
              for i, (q, a) in enumerate([("Classify.", "positive"), ("Why?", "Because the sky is blue.")])]  # fmt: skip
-    batch = collate(feats, pad_id=tok.eos_token_id)
+    batch = collate([[f] for f in feats], pad_id=tok.eos_token_id)
     loss = ResponseLoss(tiny_model)(**batch)
     assert ResponseLoss(tiny_model).sparse
     logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

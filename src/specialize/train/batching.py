@@ -41,11 +41,36 @@ class StepPlan:
         return order[within * self.batch_size : (within + 1) * self.batch_size]
 
 
-def micro_batches(indices: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Length-sorted micro-batches of one step: less padding, and the step's loss is unchanged
-    because it is a sum over the step's tokens whatever their grouping."""
-    ordered = sorted(indices, key=lambda i: (lengths[i], i))
-    return [ordered[k : k + size] for k in range(0, len(ordered), size)]
+def pack_rows(indices: Sequence[int], lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Examples grouped into rows of at most `capacity` tokens (first fit, longest first), rows shortest first.
+    A row of several examples wastes no slots on padding; each example still attends only to itself
+    (`collate(..., packed=True)`)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        if lengths[i] > capacity:
+            raise ValueError(f"example {i} has {lengths[i]} tokens, more than a row of {capacity}")
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[r].append(i)
+            room[r] -= lengths[i]
+    return sorted(rows, key=lambda row: (sum(lengths[i] for i in row), row))
+
+
+def micro_batches(
+    indices: Sequence[int], lengths: Sequence[int], size: int, capacity: int | None = None
+) -> list[list[list[int]]]:
+    """One step's micro-batches of `size` rows, each row a list of example indices: one example per row sorted
+    by length (less padding), or, with `capacity`, examples packed into rows of that many tokens. The step's
+    loss is unchanged either way: it is a sum over the step's tokens whatever their grouping."""
+    if capacity is None:
+        rows = [[i] for i in sorted(indices, key=lambda i: (lengths[i], i))]
+    else:
+        rows = pack_rows(indices, lengths, capacity)
+    return [rows[k : k + size] for k in range(0, len(rows), size)]
 
 
 def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
@@ -57,16 +82,31 @@ def response_tokens(features: Sequence[TrainFeatures], indices: Sequence[int]) -
     return sum(sum(1 for label in features[i].labels if label != IGNORE_INDEX) for i in indices)
 
 
-def collate(features: Sequence[TrainFeatures], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example. Padding is masked by position (labels -100, attention 0),
-    never by token id, so a pad id equal to EOS does not hide the trained EOS."""
-    width = max(len(f.input_ids) for f in features)
-    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(features), width), dtype=torch.long)
-    for row, f in enumerate(features):
-        n = len(f.input_ids)
-        ids[row, :n] = torch.tensor(f.input_ids)
-        labels[row, :n] = torch.tensor(f.labels)
-        mask[row, :n] = 1
+def collate(rows: Sequence[Sequence[TrainFeatures]], pad_id: int, *, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Rows of examples, right-padded to the longest row. Padding is masked by position, never by token id, so a
+    pad id equal to EOS does not hide the trained EOS.
+
+    Unpacked (one example per row): an attention mask hides the padding. Packed: position ids restart at 0 for
+    every example and there is no attention mask, from which transformers builds a block-diagonal causal mask
+    (each example, and the padding tail, attends only to itself). An example's first token is never a target,
+    as it is not at the start of an unpacked row: the previous example's last position does not predict it."""
+    if not packed and any(len(r) != 1 for r in rows):
+        raise ValueError("unpacked rows hold one example each")
+    width = max(sum(len(f.input_ids) for f in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for f in row:
+            n = len(f.input_ids)
+            ids[r, at : at + n] = torch.tensor(f.input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(f.labels[1:])
+            positions[r, at : at + n] = torch.arange(n)
+            mask[r, at : at + n] = 1
+            at += n
+        positions[r, at:] = torch.arange(width - at)  # the padding tail is a block of its own
+    if packed:
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -30,7 +30,10 @@ class StageSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=1, description="examples per optimizer step, over all processes")
-    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass on one process")
+    micro_batch_size: int = Field(
+        8, ge=1, description="rows per forward pass on one process: one example each, or with `pack` as many "
+        "examples as fit in max_length tokens (either way at most micro_batch_size x max_length tokens)",
+    )  # fmt: skip
     lr: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -61,6 +64,10 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     merge: bool = Field(False, description="also write base + adapter merged into one safetensors model")
     compile: bool = Field(False, description="torch.compile the decoder")
+    pack: bool = Field(
+        True, description="pack several examples into each row (each attends only to itself, same loss): no padding "
+        "compute; off, or a model that does not read packed rows, gives one padded example per row",
+    )  # fmt: skip
     report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = ["jsonl"]
     progress: bool = True
 

@@ -18,6 +18,7 @@ from specialize.data import (
     Example,
     FieldMap,
     LoadResult,
+    closed_label_set,
     official_test_tasks,
     read_records,
     read_superni_task,
@@ -44,6 +45,10 @@ class SourceSpec(BaseModel):
     tasks: list[str] | None = Field(None, description="SuperNI task names (directory sources) to include")
     categories: list[str] | None = Field(None, description="SuperNI categories (directory sources) to include")
     exclude_tasks: list[str] | None = Field(None, description="SuperNI task names to leave out (held-out tasks)")
+    classification: int | None = Field(
+        None, ge=2, description="only SuperNI classification tasks: every reference in a closed set of at most this "
+        "many labels (`data.closed_label_set`, the rule evaluation's `superni.classification` applies too)",
+    )  # fmt: skip
     exclude_ids: list[str] | None = Field(None, description="example ids never to train on (e.g. test instances)")
     skip_invalid: bool = False
 
@@ -83,6 +88,10 @@ def _task_files(spec: SourceSpec) -> list[Path]:
         by_name = {n: f for n, f in by_name.items() if wanted & set(read_superni_task(f).categories)}
         if not by_name:
             raise MixError(f"source {spec.label!r}: no task in {root} has categories {sorted(wanted)}")
+    if spec.classification is not None:
+        by_name = {n: f for n, f in by_name.items() if closed_label_set(read_superni_task(f), spec.classification)}
+        if not by_name:
+            raise MixError(f"source {spec.label!r}: no task in {root} has at most {spec.classification} labels")
     return list(by_name.values())
 
 

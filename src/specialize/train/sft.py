@@ -29,7 +29,7 @@ from specialize.prompts import get_template, tokenize_for_training
 from specialize.train.batching import StepPlan, collate, micro_batches, response_tokens, shard
 from specialize.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from specialize.train.config import StageConfig, TrainConfig
-from specialize.train.loss import ResponseLoss
+from specialize.train.loss import ResponseLoss, honours_packing
 from specialize.train.metrics import MetricsLog, TrainProgress
 from specialize.train.mixing import build_mix
 
@@ -135,13 +135,18 @@ def planned_stage_dirs(cfg: TrainConfig, prepared: list[PreparedStage]) -> list[
     return dirs
 
 
+def base_spec(cfg: TrainConfig, init_from: StageResult | None) -> str:
+    """The weights a stage starts from: the previous stage's full weights, else the configured model."""
+    return init_from.output if init_from is not None and init_from.method == "full" else cfg.model.spec
+
+
 def build_model(
     cfg: TrainConfig, init_from: StageResult | None, precision: models.Precision
 ) -> tuple[torch.nn.Module, Any]:
     """Base model (or the previous stage's full weights) in `precision.param_dtype`, with a trainable LoRA
     adapter when asked."""
     m = cfg.model
-    spec = init_from.output if init_from is not None and init_from.method == "full" else m.spec
+    spec = base_spec(cfg, init_from)
     quant = None
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -169,8 +174,25 @@ def build_model(
             target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
         )  # fmt: skip
         model = get_peft_model(model, lora)
+    if cfg.method == "lora" and precision.autocast_dtype is not None:
+        lora_for_autocast(model, precision.autocast_dtype)
     model.train()
     return model, tokenizer
+
+
+def lora_for_autocast(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """LoRA layers under autocast without the casts autocast undoes: the frozen base weights are held in its dtype
+    (it cast them to it at every forward anyway), and a layer's input is no longer cast to the fp32 adapter's
+    dtype first (autocast casts it straight back for the matmul). The numbers are bit-identical
+    (`tests/train/test_packing.py`). Norms, embeddings and the trainable adapters keep their precision; a
+    merged model is built from a freshly loaded base (`_save_final`), not from these weights."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
+            if isinstance(base := module.get_base_layer(), torch.nn.Linear) and not base.weight.requires_grad:
+                base.to(dtype)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total: int) -> Any:
@@ -249,6 +271,10 @@ def train_stage(cfg: TrainConfig, prep: PreparedStage, parent: StageResult | Non
     if cfg.compile:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.model.compile(dynamic=True)
+    packed = cfg.pack and honours_packing(model, precision.autocast(accelerator.device))
+    if cfg.pack and not packed and main:
+        print(f"stage {stage.name}: this model does not read packed rows; one padded example per row")
+    capacity = max(stage.max_length, *(len(f.input_ids) for f in features)) if packed else None
     loss_fn, optimizer = accelerator.prepare(ResponseLoss(model), optimizer)
     lengths = [len(f.input_ids) for f in features]
     pad_id = tokenizer.pad_token_id
@@ -265,12 +291,12 @@ def train_stage(cfg: TrainConfig, prep: PreparedStage, parent: StageResult | Non
             weight = 1.0
             if not mine:  # fewer examples than processes: take part in the all-reduce with zero loss
                 mine, weight = indices[:1], 0.0
-            batches = micro_batches(mine, lengths, stage.micro_batch_size)
+            batches = micro_batches(mine, lengths, stage.micro_batch_size, capacity)
             loss_sum = torch.zeros((), device=accelerator.device)
-            n_tokens = 0
+            n_tokens = sum(lengths[i] for i in mine) if weight else 0
             for j, mb in enumerate(batches):
-                batch = {k: v.to(accelerator.device) for k, v in collate([features[i] for i in mb], pad_id).items()}
-                n_tokens += int(batch["attention_mask"].sum())
+                rows = [[features[i] for i in row] for row in mb]
+                batch = {k: v.to(accelerator.device) for k, v in collate(rows, pad_id, packed=packed).items()}
                 # gradients are all-reduced once per step, on its last micro-batch
                 sync = contextlib.nullcontext() if j == len(batches) - 1 else accelerator.no_sync(loss_fn)
                 with sync, precision.autocast(accelerator.device):
@@ -305,7 +331,7 @@ def train_stage(cfg: TrainConfig, prep: PreparedStage, parent: StageResult | Non
     replicas = _check_replicas(accelerator, model)
     out = sdir / ("adapter" if cfg.method != "full" else "model")
     if main:
-        _save_final(cfg, model, tokenizer, out, sdir)
+        _save_final(cfg, model, tokenizer, out, sdir, base_spec(cfg, parent), precision)
         result = StageResult(
             name=stage.name, key=key, dir=str(sdir), output=str(out), method=cfg.method,
             steps=plan.total_steps, examples=len(features), final_loss=last_loss, processes=world,
@@ -344,7 +370,9 @@ def _check_replicas(accelerator: Any, model: torch.nn.Module) -> str:
     return digest
 
 
-def _save_final(cfg: TrainConfig, model: Any, tokenizer: Any, out: Path, sdir: Path) -> None:
+def _save_final(
+    cfg: TrainConfig, model: Any, tokenizer: Any, out: Path, sdir: Path, spec: str, precision: models.Precision
+) -> None:
     # the template and base model travel inside the checkpoint: eval, serve and synth read them back
     meta = models.CheckpointMeta(cfg.template, models.model_identity(cfg.model.spec), cfg.method)
     with atomic_path(out, is_dir=True) as tmp:
@@ -352,6 +380,11 @@ def _save_final(cfg: TrainConfig, model: Any, tokenizer: Any, out: Path, sdir: P
         tokenizer.save_pretrained(tmp)
         meta.write(tmp)
     if cfg.merge and cfg.method != "full":
+        if cfg.method == "lora":  # merge into the base as loaded, not into its lowered copy (`lora_for_autocast`)
+            m = cfg.model
+            base, _ = models.load_model(spec, device=m.device, trust_remote_code=m.trust_remote_code,
+                                        revision=m.revision, precision=precision)  # fmt: skip
+            model = models.attach_adapters(base, {"default": out})
         merged = model.merge_and_unload()
         with atomic_path(sdir / "merged", is_dir=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
