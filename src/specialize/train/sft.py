@@ -274,7 +274,7 @@ def train_stage(cfg: TrainConfig, prep: PreparedStage, parent: StageResult | Non
     packed = cfg.pack and honours_packing(model, precision.autocast(accelerator.device))
     if cfg.pack and not packed and main:
         print(f"stage {stage.name}: this model does not read packed rows; one padded example per row")
-    capacity = max(stage.max_length, *(len(f.input_ids) for f in features)) if packed else None
+    capacity = stage.max_length if packed else None  # every example fits: tokenize_for_training cuts to it
     loss_fn, optimizer = accelerator.prepare(ResponseLoss(model), optimizer)
     lengths = [len(f.input_ids) for f in features]
     pad_id = tokenizer.pad_token_id
