@@ -206,6 +206,7 @@ def test_one_primary_metric_rule_for_eval_and_report():
 
     summary = summarize(rows, [LoadedTask("nq", spec, [], [])], {}, Cfg())
     assert summary.comparisons[0].metric == "token_f1" == primary_metric(spec.metric_names)
+    assert {s.primary for s in summary.scores} == {"token_f1"}  # recorded beside the scores for the report
     report_scores = [{"task": "nq", "metric": m} for m in ("exact_match", "token_f1")]
     assert primary_metrics(report_scores) == {"nq": "token_f1"}
 
@@ -237,3 +238,14 @@ def test_file_digests_are_memoized_until_the_file_changes(tmp_path, monkeypatch)
     assert len(set(first)) == 1 and opened.count(str(path)) == 1
     path.write_bytes(b"GGUF" + b"y" * 100)
     assert models.describe(str(path))["sha256"] != first[0]
+
+
+def test_a_task_may_declare_its_primary_metric():
+    from specialize.config import ConfigError
+    from specialize.eval.tasks import TaskSpec, load_task_spec
+
+    spec = TaskSpec(name="fpb", data={"path": "x"}, metrics=["token_f1", "rouge_l"], primary="token_f1")
+    assert spec.primary_metric == "token_f1"  # Kang et al. compare on F1 where ROUGE-L is reported too
+    assert TaskSpec(name="fpb", data={"path": "x"}, metrics=["token_f1", "rouge_l"]).primary_metric == "rouge_l"
+    with pytest.raises(ConfigError, match="primary metric 'accuracy' is not one of"):
+        load_task_spec({"name": "fpb", "data": {"path": "x"}, "metrics": ["token_f1"], "primary": "accuracy"}, ".")

@@ -37,8 +37,6 @@ def test_finance_sentiment_files_read_with_labels_from_scores(shared_data: Path,
 def test_seeded_splits_are_deterministic_disjoint_and_order_free(shared_data: Path, path: str):
     fmt = {FIQA: "fiqa-sa", HEADLINES: "semeval17-headlines"}.get(path, "fpb")
     records = read_records(shared_data / path, fmt).records
-    if fmt == "fpb":  # FPB has exact duplicate sentences; ids make them distinct
-        assert len({e.id for e in records}) == len(records)
     parts = seeded_split(records, {"seeds": 0.2, "test": 0.8}, seed=0)
     ids = {k: [e.id for e in v] for k, v in parts.items()}
     assert not set(ids["seeds"]) & set(ids["test"]) and len(ids["seeds"]) + len(ids["test"]) == len(records)
@@ -51,6 +49,33 @@ def test_seeded_splits_are_deterministic_disjoint_and_order_free(shared_data: Pa
     assert [e.id for e in other["seeds"]] != ids["seeds"]
     with pytest.raises(ValueError, match="sum to 1"):
         seeded_split(records, {"seeds": 0.2, "test": 0.7}, seed=0)
+    # a sentence that occurs more than once (SemEval scores a headline once per company) is in one part only
+    texts = {k: {e.input for e in v} for k, v in parts.items()}
+    assert not texts["seeds"] & texts["test"]
+
+
+def test_repeated_headlines_exist_and_stay_together(shared_data: Path):
+    records = read_records(shared_data / HEADLINES, "semeval17-headlines").records
+    repeated = [t for t, n in Counter(e.input for e in records).items() if n > 1]
+    assert len(repeated) > 100  # the reason the split keys on the text, not the id
+    parts = seeded_split(records, {"train": 0.5, "test": 0.5}, seed=0)
+    where = {e.input: k for k, v in parts.items() for e in v}
+    assert all(sum(e.input == t for e in parts[where[t]]) == sum(e.input == t for e in records) for t in repeated)
+
+
+def test_a_source_selects_one_part_then_the_first_n(shared_data: Path):
+    from pydantic import ValidationError
+
+    from specialize.data.sources import DataSource
+
+    half = {"seed": 3, "fractions": {"train": 0.5, "test": 0.5}}
+    src = {"path": str(shared_data / FIQA), "format": "fiqa-sa"}
+    train = DataSource(**src, seeded_split={**half, "part": "train"}).read()
+    test = DataSource(**src, seeded_split={**half, "part": "test"}).read()
+    assert len(train) + len(test) == 675 and not {e.id for e in train} & {e.id for e in test}
+    assert DataSource(**src, seeded_split={**half, "part": "train"}, first=30).read() == train[:30]
+    with pytest.raises(ValidationError, match="part 'dev' is not one of"):
+        DataSource(**src, seeded_split={**half, "part": "dev"})
 
 
 @pytest.mark.parametrize("name", ["fiqa_sa", "semeval17_headlines"])

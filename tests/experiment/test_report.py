@@ -227,3 +227,87 @@ def test_seeds_are_pooled_by_a_bootstrap_over_seed_averaged_examples(tmp_path):
     assert cell["seeds"] == 2 and (cell["low"], cell["high"]) != (0.0, 100.0)
     [(amount, mean, low, high)] = curves(data)["t"]["none"]
     assert (amount, mean, low, high) == pytest.approx((8, est.mean, est.low, est.high))
+
+
+def test_over_shots_is_worst_average_best_of_each_row_over_k(tmp_path: Path):
+    # Kang et al. Table 4 from the per-k rows of the table, the pooled row included
+    base = {("a", 0): [0.0] * 10, ("a", 1): [50.0] * 10, ("a", 5): [100.0] * 10,
+            ("b", 0): [20.0] * 10, ("b", 1): [20.0] * 10, ("b", 5): [80.0] * 10}  # fmt: skip
+    tuned = {key: [v[0] / 2] * 10 for key, v in base.items()}
+    data = _data(tmp_path, base, tuned)
+    for s in data["scores"]:  # the headline cells a single run reads come from the score rows
+        s.update({"mean": (base if s["run_id"] == BASE_RUN else tuned)[(s["task"], s["k"])][0], "ci_low": 0.0,
+                  "ci_high": 100.0})  # fmt: skip
+    from specialize.experiment.findings import over_shots
+
+    tab = table(data)
+    rows = {r["task"]: r for r in over_shots(tab)}
+    assert set(rows) == {"a", "b", "all 2 tasks"} and rows["a"]["ks"] == [0, 1, 5]
+    base_col, tuned_col = tab["columns"].index("base"), tab["columns"].index("self-specialized")
+    assert rows["a"]["cells"][base_col] == {"worst": 0.0, "average": 50.0, "best": 100.0}
+    assert rows["b"]["cells"][tuned_col] == {"worst": 10.0, "average": 20.0, "best": 40.0}
+    assert rows["all 2 tasks"]["cells"][base_col]["best"] == pytest.approx(90.0)  # k=5 pooled: (100 + 80) / 2
+    one_k = {"columns": tab["columns"], "rows": [r for r in tab["rows"] if r["k"] == 0]}
+    assert over_shots(one_k) == []
+
+
+def test_a_declared_primary_metric_reaches_the_report(tmp_path: Path):
+    from specialize.eval.results import Estimate, ScoreEntry
+    from specialize.experiment.findings import primary_metrics
+    from specialize.experiment.runner import PRIMARY_META, Store
+
+    est = Estimate(mean=50.0, ci95=(40.0, 60.0))
+    entry = ScoreEntry(model="base", task="fpb", k=0, variant="original", n=10, split="all",
+                       metrics={"token_f1": est, "rouge_l": est}, primary="token_f1")  # fmt: skip
+    store = Store(tmp_path / "results.sqlite")
+    store.record(BASE_RUN, {"model": "m", "generalist": "none", "amount": 0, "seed": 0, "weights": None,
+                            "eval_dir": "x", "config": None, "train_s": 0.0, "eval_s": 1.0}, [entry])  # fmt: skip
+    _, scores, meta = store.read()
+    assert meta[PRIMARY_META] == {"fpb": "token_f1"}
+    assert primary_metrics(scores) == {"fpb": "rouge_l"}  # the shared rule alone prefers ROUGE-L
+    assert primary_metrics(scores, meta[PRIMARY_META]) == {"fpb": "token_f1"}
+    assert ScoreEntry.model_validate(json.loads(json.dumps(entry.model_dump()))).primary == "token_f1"
+
+
+def test_table_2_rows_are_the_variants_in_the_papers_order_with_paired_differences(tmp_path: Path):
+    from specialize.experiment.findings import iterations_table
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    rng = random.Random(0)
+    base = [float(rng.random() < 0.3) * 100 for _ in range(80)]
+    gains = {"it2-new": 1.0, "it1-top1": 0.0, "it1-marginalize": 0.5, "it1-none": 0.25, "it2-same": 0.75}
+    runs = {BASE_RUN: {"generalist": "none", "amount": 0, "seed": 0, "weights": None, "eval_dir": ""}}
+    per_run = {BASE_RUN: base}
+    for variant, share in gains.items():  # each variant fixes this share of the base model's wrong answers
+        wrong = [i for i, v in enumerate(base) if v == 0]
+        fixed = set(wrong[: round(share * len(wrong))])
+        per_run[f"{SELF_SPEC}-{variant}"] = [100.0 if i in fixed else v for i, v in enumerate(base)]
+        runs[f"{SELF_SPEC}-{variant}"] = {"generalist": SELF_SPEC, "amount": 10, "seed": 0, "weights": str(adapter)}
+    for run_id, values in per_run.items():
+        d = tmp_path / run_id
+        d.mkdir()
+        model = "base" if run_id == BASE_RUN else "run"
+        (d / "predictions.jsonl").write_text("".join(json.dumps({
+            "model": model, "task": "t", "k": 0, "variant": "original", "id": str(i),
+            "scores": {"token_f1": v, "rouge_l": v / 2}}) + "\n" for i, v in enumerate(values)))  # fmt: skip
+        runs[run_id]["eval_dir"] = str(d)
+    scores = [{"run_id": r, "task": "t", "k": 0, "variant": "original", "metric": m, "mean": 0.0, "ci_low": 0.0,
+               "ci_high": 0.0} for r in runs for m in ("token_f1", "rouge_l")]  # fmt: skip
+    data = {"runs": runs, "scores": scores, "meta": {"primary_metrics": {"t": "token_f1"}}, **read_predictions(runs)}
+    rows = iterations_table(data)
+    assert [r["run"].removeprefix(f"{SELF_SPEC}-") for r in rows] == [
+        BASE_RUN, "it1-marginalize", "it1-top1", "it1-none", "it2-same", "it2-new"]  # fmt: skip
+    assert rows[0]["label"] == "base" and rows[0]["vs_base"] is None
+    assert rows[0]["primary"] == pytest.approx(sum(base) / 80) and rows[0]["rouge_l"] == pytest.approx(sum(base) / 160)
+    wrong = sum(v == 0 for v in base)
+    for r in rows[1:]:
+        share = gains[r["run"].removeprefix(f"{SELF_SPEC}-")]
+        assert r["vs_base"]["mean"] == pytest.approx(round(share * wrong) * 100 / 80)
+    assert rows[2]["label"] == "self-specialized it1, top-1 doc" and rows[2]["vs_base"]["mean"] == 0
+    tab = table(data)  # one column per variant, not one pooled "self-specialized" column
+    assert tab["columns"] == ["base", *(r["label"] for r in rows[1:])]
+    found = [f for f in findings(data) if f["finding"] == "self-specialization"]
+    assert {f["run"] for f in found} == set(runs) - {BASE_RUN}
+    assert next(f for f in found if f["run"].endswith("it2-new"))["holds"] is True

@@ -241,3 +241,52 @@ def test_report_across_experiments_has_one_row_per_experiment(tiny_model_dir, tm
         assert [f"{name}: {f['text']}" for f in own["findings"]] == [f for f in both["findings"] if f.startswith(name)]
     md = (tmp_path / "both/report.md").read_text()
     assert "| experiment | base | gen only | specialist | specialist + gen |" in md and "| narrow: hotel, n=4 (" in md
+
+
+def test_table_2_variants_share_one_instruction_stage_and_iteration_two_builds_on_the_chosen_one(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Kang et al. Table 2 as one run: three retrieval variants answer one instruction set; the second iteration
+    generates with the `after` variant's specialist, contrasted with the base, on that same instruction set and
+    on a new one. The synth and tuning steps are recorded here; each is tested on its own elsewhere."""
+    from specialize import models
+    from specialize.experiment import runner
+
+    made, tuned = [], {}
+
+    def fake_synth(sc, progress=True):
+        made.append(sc)
+        Path(sc.output_dir).mkdir(parents=True, exist_ok=True)
+        return Path(sc.output_dir) / "data.jsonl"
+
+    def fake_tune(cfg, store, data, run_id):
+        tuned[run_id] = data
+        adapter = tmp_path / "adapters" / run_id
+        adapter.mkdir(parents=True)
+        (adapter / models.ADAPTER_WEIGHTS).write_bytes(run_id.encode())
+        return adapter
+
+    monkeypatch.setattr("specialize.synth.pipeline.run_synth", fake_synth)
+    monkeypatch.setattr(runner, "_self_specialize", fake_tune)
+    out = tmp_path / "exp"
+    stage = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-3, "max_length": 64}
+    synth = {"seeds": "seeds.json", "corpus": "corpus.jsonl", "retrieval": ["marginalize", "top1", "none"]}
+    raw = experiment(tiny_model_dir, out, generalists=[None], amounts=[0], include_base=False, synth_stage=stage,
+                     synth=synth, iteration2={"after": "top1"})  # fmt: skip
+    run_experiment(ExperimentConfig.model_validate(raw))
+
+    assert [(sc.retrieval, sc.iteration) for sc in made] == [
+        ("marginalize", 1), ("top1", 1), ("none", 1), ("top1", 2), ("top1", 2)]  # fmt: skip
+    first = made[:3]
+    assert len({sc.instruction_dir for sc in first}) == 1  # one instruction stage, answered three ways
+    assert first[0].instruction_dir.parent == out / "synth" and len({sc.output_dir for sc in made}) == 5
+    same, new = made[3:]
+    assert same.adapter == new.adapter == str(tmp_path / "adapters" / "self-spec-it1-top1")
+    assert same.contrastive and new.contrastive
+    assert same.instructions_from == str(out / "synth" / "it1-top1") and new.instructions_from is None
+    assert new.instruction_dir not in (first[0].instruction_dir, Path(same.output_dir))  # written anew
+    assert list(tuned) == ["self-spec-it1-marginalize", "self-spec-it1-top1", "self-spec-it1-none",
+                           "self-spec-it2-same", "self-spec-it2-new"]  # fmt: skip
+    with pytest.raises(ValueError, match="iteration2.after: 'marginalize' is not one of"):
+        ExperimentConfig.model_validate({**raw, "synth": {**raw["synth"], "retrieval": ["top1", "none"]},
+                                         "iteration2": {"after": "marginalize"}})  # fmt: skip

@@ -81,3 +81,41 @@ def test_config_errors_before_any_model_work(tmp_path: Path, shared_data: Path):
     with pytest.raises(ConfigError, match="fewer than demos_per_prompt"):
         run_synth(SynthConfig(seeds=seeds, retrieval="none", seeds_per_task=1, demos_per_prompt=40,
                               output_dir=str(tmp_path)))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_response_variants_share_one_instruction_stage_and_a_later_run_can_answer_it_again(
+    tmp_path: Path, shared_data: Path, monkeypatch
+):
+    """Kang et al. Table 2: variants that differ only in how responses are made answer one instruction set,
+    written once; `instructions_from` answers a finished run's instructions again without writing new ones."""
+    from specialize.synth import pipeline
+
+    calls: list[str] = []
+    real = pipeline.Engines.run
+    monkeypatch.setattr(pipeline.Engines, "run", lambda self, reqs, what: calls.append(what) or real(self, reqs, what))
+    common = dict(seeds=str(shared_data / "biomed/box_seeds/BoX_instructions.json"), num=3, batch_size=2,
+                  corpus=str(shared_data / "biomed/corpus/corpus.jsonl.gz"), top_k=2, require_input=False,
+                  instruction_sampling={"max_new_tokens": 160, "temperature": 1.0, "top_p": 0.98},
+                  response_sampling={"max_new_tokens": 8, "temperature": 0.0},
+                  instructions_root=str(tmp_path / "i"))  # fmt: skip
+    top1 = SynthConfig(**common, retrieval="top1", output_dir=str(tmp_path / "top1"))
+    none = SynthConfig(**common, retrieval="none", output_dir=str(tmp_path / "none"))
+    assert top1.instruction_dir == none.instruction_dir and top1.fingerprint() != none.fingerprint()
+    a = [json.loads(x) for x in run_synth(top1, progress=False).read_text().splitlines()]
+    made = calls.count("synth instructions")
+    assert made >= 1 and (top1.instruction_dir / "instructions.log.jsonl").is_file()
+    assert not (tmp_path / "top1" / "instructions.log.jsonl").exists()
+    b = [json.loads(x) for x in run_synth(none, progress=False).read_text().splitlines()]
+    assert calls.count("synth instructions") == made  # the second variant wrote no instruction
+    assert [(r["id"], r["instruction"], r["input"]) for r in a] == [(r["id"], r["instruction"], r["input"]) for r in b]
+    assert all(len(r["metadata"]["provenance"]["docs"]) == 1 for r in a)
+    assert all(r["metadata"]["provenance"]["docs"] == [] for r in b)
+
+    again = SynthConfig(**{**common, "instructions_root": None}, retrieval="none", seed=1,
+                        instructions_from=str(tmp_path / "top1"), output_dir=str(tmp_path / "again"))  # fmt: skip
+    c = [json.loads(x) for x in run_synth(again, progress=False).read_text().splitlines()]
+    assert calls.count("synth instructions") == made
+    assert [r["instruction"] for r in c] == [r["instruction"] for r in a]
+    with pytest.raises(ConfigError, match="no finished instruction stage"):
+        run_synth(again.model_copy(update={"instructions_from": str(tmp_path / "none" / "missing")}))

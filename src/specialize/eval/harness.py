@@ -335,6 +335,7 @@ def summarize(rows: list[Prediction], tasks: list[LoadedTask], splits: dict[str,
     for r in rows:
         groups[r.unit].append(r)
     majority = {t.name: _majority_baseline(t) for t in tasks if t.spec.protocol == "options"}
+    primary = {t.name: t.spec.primary_metric for t in tasks}
     scores = []
     for (model, task, k, variant), rs in groups.items():
         metrics = {}
@@ -342,13 +343,12 @@ def summarize(rows: list[Prediction], tasks: list[LoadedTask], splits: dict[str,
             est = bootstrap_ci([r.scores[metric] for r in rs], resamples=cfg.bootstrap_resamples, seed=cfg.seed)
             metrics[metric] = Estimate(mean=est.mean, ci95=(est.low, est.high))
         entry = ScoreEntry(model=model, task=task, k=k, variant=variant, n=len(rs), metrics=metrics,
-                           split=splits.get(task, "train" if splits else "all"))  # fmt: skip
+                           split=splits.get(task, "train" if splits else "all"), primary=primary[task])  # fmt: skip
         if task in majority and "accuracy" in metrics:
             entry.majority_baseline = majority[task]
             entry.above_majority = metrics["accuracy"].mean > majority[task]
         scores.append(entry)
     summary = Summary(scores=scores)
-    primary = {t.name: t.spec.primary_metric for t in tasks}
     by_mt: dict[tuple, list[ScoreEntry]] = defaultdict(list)
     for s in scores:
         by_mt[(s.model, s.task)].append(s)

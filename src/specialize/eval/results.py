@@ -54,7 +54,7 @@ class Estimate(BaseModel):
     ci95: tuple[float, float]
 
 
-_ENTRY_FIELDS = ("model", "task", "k", "variant", "n", "split", "majority_baseline", "above_majority")
+_ENTRY_FIELDS = ("model", "task", "k", "variant", "n", "split", "primary", "majority_baseline", "above_majority")
 
 
 class ScoreEntry(BaseModel):
@@ -69,6 +69,7 @@ class ScoreEntry(BaseModel):
     n: int
     split: str
     metrics: dict[str, Estimate]
+    primary: str | None = None  # the metric the task is compared on (files written before it: None)
     majority_baseline: float | None = None
     above_majority: bool | None = None
 

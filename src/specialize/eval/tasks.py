@@ -6,7 +6,6 @@ Everything here is checked and loaded before any model work, so a bad task file 
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -18,33 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from specialize.config import ConfigError, Protocol, fill_placeholders
-from specialize.data import (
-    Example,
-    FieldMap,
-    closed_label_set,
-    read_records,
-    read_superni_task,
-    superni_task_files,
-)
+from specialize.data import Example, closed_label_set, read_superni_task, superni_task_files
+from specialize.data.sources import DataSource
 from specialize.eval.metrics import METRICS, primary_metric
-
-
-class KeepIds(BaseModel):
-    """Keep only examples whose `field` (the id, or a metadata field) is listed in `file`."""
-
-    model_config = ConfigDict(extra="forbid")
-    file: str
-    field: str = "id"
-
-
-class TaskData(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str
-    format: str | None = None
-    mapping: dict[str, Any] | None = None
-    instruction: str | None = Field(None, description="one instruction for every example (files without one)")
-    split: str = "train"
-    keep_ids: KeepIds | None = None
 
 
 class SuperNISelect(BaseModel):
@@ -64,17 +39,20 @@ class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    data: TaskData | None = None
+    data: DataSource | None = None
     superni: SuperNISelect | None = None
     protocol: Protocol = "generation"
     metrics: list[str] | None = None
+    primary: str | None = Field(
+        None, description="the metric the task is compared on (one of `metrics`); default: by `PRIMARY_ORDER`"
+    )
     options_from: Literal["example", "task"] | None = Field(
         None, description="example: each example's options; task: the task's distinct reference outputs"
     )
     limit: int | None = Field(100, ge=1)
     sample: Literal["first", "random"] = "first"
     shots: list[int] | None = None
-    demo_pool: TaskData | None = None
+    demo_pool: DataSource | None = None
     max_new_tokens: int = Field(512, ge=1)
     stop: list[str] = []
     paraphrases: list[str] = Field(default_factory=list, description="alternative instructions")
@@ -87,6 +65,8 @@ class TaskSpec(BaseModel):
         unknown = [m for m in self.metrics or [] if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        if self.primary is not None and self.primary not in self.metric_names:
+            raise ValueError(f"primary metric {self.primary!r} is not one of the task's metrics {self.metric_names}")
         return self
 
     @property
@@ -97,6 +77,8 @@ class TaskSpec(BaseModel):
 
     @property
     def primary_metric(self) -> str:
+        if self.primary is not None:  # Kang et al. compare on F1 where ROUGE-L is also reported
+            return self.primary
         return primary_metric([*self.metric_names, *(["accuracy_norm"] if self.protocol == "options" else [])])
 
 
@@ -108,22 +90,19 @@ def catalogue() -> dict[str, Path]:
 def load_task_spec(
     ref: str | dict[str, Any] | TaskSpec, data_root: str, overrides: dict[str, Any] | None = None
 ) -> TaskSpec:
-    """A catalogue name, a YAML path, or an inline mapping -> validated TaskSpec with `{data_root}` filled in."""
+    """A catalogue name, a YAML path, or an inline mapping -> validated TaskSpec with `{data_root}` filled in.
+    An inline mapping may `include` a catalogue entry (or YAML path) and change some of its fields:
+    `{include: pubmedqa, name: pubmedqa_gen, protocol: generation}`."""
     where = "<inline task>"
     if isinstance(ref, TaskSpec):
         raw: Any = ref.model_dump()
     elif isinstance(ref, dict):
-        raw = ref
+        raw = dict(ref)
+        if "include" in raw:
+            where, base = _task_file(str(raw.pop("include")))
+            raw = {**base, **raw}
     else:
-        cat = catalogue()
-        path = cat.get(ref, Path(ref))
-        if not path.is_file():
-            raise ConfigError(f"task {ref!r}: not in the catalogue ({', '.join(sorted(cat))}) and no such file")
-        where = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        where, raw = _task_file(ref)
     raw = fill_placeholders(raw, data_root=data_root)
     if overrides:
         raw = {**raw, **overrides}
@@ -132,6 +111,21 @@ def load_task_spec(
     except ValidationError as e:
         msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{where}: {msgs}") from None
+
+
+def _task_file(ref: str) -> tuple[str, dict[str, Any]]:
+    """A catalogue entry or YAML path: (where it is, its raw mapping)."""
+    cat = catalogue()
+    path = cat.get(ref, Path(ref))
+    if not path.is_file():
+        raise ConfigError(f"task {ref!r}: not in the catalogue ({', '.join(sorted(cat))}) and no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a task file is a mapping of TaskSpec fields")
+    return str(path), raw
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -155,30 +149,6 @@ class LoadedTask:
         return len(_demo_pool(self.demos, example)) + len(_demo_pool(self.fallback_demos, example))
 
 
-def _read(data: TaskData) -> list[Example]:
-    mapping = FieldMap(**data.mapping) if data.mapping else None
-    # a task-level instruction is given to every row while reading, so the mapping needs no instruction column
-    result = read_records(data.path, data.format, mapping=mapping, split=data.split, instruction=data.instruction)
-    records = result.records
-    if result.skipped:  # evaluation data is never silently thinned out
-        raise ConfigError(f"{data.path}: {result.skip_summary()}")
-    if data.keep_ids:
-        keep = _id_set(Path(data.keep_ids.file))
-        f = data.keep_ids.field
-        records = [r for r in records if str(r.id if f == "id" else r.metadata.get(f)) in keep]
-        if not records:
-            raise ConfigError(f"{data.path}: no example has a {f} listed in {data.keep_ids.file}")
-    return records
-
-
-def _id_set(path: Path) -> set[str]:
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-        return {str(k) for k in (data.keys() if isinstance(data, dict) else data)}
-    return {line.strip() for line in text.splitlines() if line.strip()}
-
-
 def _select(examples: list[Example], spec: TaskSpec, seed: int) -> list[Example]:
     if spec.limit is None or len(examples) <= spec.limit:
         return examples
@@ -192,8 +162,8 @@ def load_tasks(spec: TaskSpec, seed: int = 0) -> list[LoadedTask]:
     if spec.superni is not None:
         return _load_superni(spec, seed)
     assert spec.data is not None
-    examples = _read(spec.data)
-    pool = _read(spec.demo_pool) if spec.demo_pool else examples
+    examples = spec.data.read()
+    pool = spec.demo_pool.read() if spec.demo_pool else examples
     chosen = _select(examples, spec, seed)
     options = None
     if spec.protocol == "options":

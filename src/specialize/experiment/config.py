@@ -7,11 +7,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from specialize.config import Method, ModelConfig, TemplateName
+from specialize.config import Method, ModelConfig, Retrieval, TemplateName
 from specialize.eval.harness import EvalSettings
 from specialize.train.config import LoraSettings, StageSettings
 from specialize.train.mixing import SourceSpec
@@ -23,6 +23,16 @@ class Generalist(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     sources: list[SourceSpec] = Field(min_length=1)
+
+
+class SecondIteration(BaseModel):
+    """Kang et al. Sec. 3.5 / Table 2: generate again with a first-iteration specialist, contrasted with the base
+    model (eq. 3), on the same instruction set and/or a newly written one, and tune a new LoRA on the result."""
+
+    model_config = ConfigDict(extra="forbid")
+    after: Retrieval = Field("marginalize", description="the first-iteration variant whose specialist generates")
+    instructions: list[Literal["same", "new"]] = Field(default_factory=lambda: ["same", "new"], min_length=1)
+    alpha: float = Field(0.1, gt=0, le=1, description="eq. 3's plausibility cutoff")
 
 
 class ExperimentConfig(BaseModel):
@@ -54,8 +64,13 @@ class ExperimentConfig(BaseModel):
         "row of the report's table and tested in its own findings",
     )
     save_every: int = Field(20, ge=0, description="optimizer steps between training checkpoints (resume points)")
-    synth: dict[str, Any] | None = Field(None, description="a self-specialization round (SynthConfig fields)")
+    synth: dict[str, Any] | None = Field(
+        None,
+        description="a self-specialization round (SynthConfig fields); a list of `retrieval` values is an axis "
+        "(Table 2's top-5 marginalized / top-1 / none), its variants sharing one instruction stage",
+    )
     synth_stage: StageSettings | None = Field(None, description="then tune a LoRA on the synthetic data and evaluate")
+    iteration2: SecondIteration | None = Field(None, description="a second self-specialization iteration")
     output_dir: str = "runs/experiment"
     cache_dir: str | None = Field(
         None,
@@ -66,6 +81,23 @@ class ExperimentConfig(BaseModel):
     @property
     def cache(self) -> Path:
         return Path(self.cache_dir or self.output_dir)
+
+    @property
+    def retrievals(self) -> list[Retrieval]:
+        """The first iteration's variants (one unless `synth.retrieval` is a list)."""
+        value = (self.synth or {}).get("retrieval", "marginalize")
+        return list(value) if isinstance(value, list) else [value]
+
+    @model_validator(mode="after")
+    def _check_iterations(self) -> ExperimentConfig:
+        if (self.synth_stage is None or self.synth is None) and self.iteration2 is not None:
+            raise ValueError("iteration2 needs `synth` and `synth_stage` (its specialist comes from iteration 1)")
+        if self.iteration2 is not None and self.iteration2.after not in self.retrievals:
+            raise ValueError(f"iteration2.after: {self.iteration2.after!r} is not one of synth.retrieval "
+                             f"{self.retrievals}")  # fmt: skip
+        if len(set(self.retrievals)) != len(self.retrievals):
+            raise ValueError(f"synth.retrieval repeats a value: {self.retrievals}")
+        return self
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from specialize.config import ConfigError
 from specialize.eval.metrics import primary_metric
 from specialize.eval.results import read_predictions as read_prediction_file
 from specialize.eval.stats import bootstrap_ci, paired_bootstrap
-from specialize.experiment.runner import BASE, RUN, SELF_SPEC, Store, is_adapter
+from specialize.experiment.runner import BASE, PRIMARY_META, RUN, SELF_SPEC, Store, is_adapter
 
 
 def load(db_path: Path) -> dict[str, Any]:
@@ -42,30 +42,57 @@ def read_predictions(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"examples": examples, "answers": answers}
 
 
-def primary_metrics(scores: list[dict[str, Any]]) -> dict[str, str]:
+def primary_metrics(scores: list[dict[str, Any]], declared: dict[str, str] | None = None) -> dict[str, str]:
+    """Task -> the metric it is compared on: the one its evaluation declared (a task's `primary`, recorded by the
+    runner), else the shared rule over the metrics it reports."""
     have: dict[str, set[str]] = defaultdict(set)
     for s in scores:
         have[s["task"]].add(s["metric"])
-    return {t: primary_metric(ms) for t, ms in have.items()}
+    declared = declared or {}
+    return {t: declared[t] if declared.get(t) in ms else primary_metric(ms) for t, ms in have.items()}
+
+
+def _primary(data: dict[str, Any]) -> dict[str, str]:
+    return primary_metrics(data["scores"], data.get("meta", {}).get(PRIMARY_META))
 
 
 def headline(data: dict[str, Any], k: int | None = None) -> dict[tuple[str, str], dict[str, float]]:
     """(run_id, task) -> {mean, low, high} of the task's primary metric at k shots (default: the fewest),
     original instruction."""
-    primary = primary_metrics(data["scores"])
+    primary = _primary(data)
     k = min((s["k"] for s in data["scores"]), default=0) if k is None else k
     return {(s["run_id"], s["task"]): {"mean": s["mean"], "low": s["ci_low"], "high": s["ci_high"]}
             for s in data["scores"] if s["metric"] == primary[s["task"]] and s["k"] == k
             and s["variant"] == "original"}  # fmt: skip
 
 
+# Kang et al. Table 2's rows, in its order: the first iteration by retrieval, then the second by instruction set
+_SELF_SPEC_VARIANTS = {"it1": "self-specialized", "it1-marginalize": "it1, top-k docs marginalized",
+                       "it1-top1": "it1, top-1 doc", "it1-none": "it1, no docs",
+                       "it2-same": "it2, same instructions", "it2-new": "it2, new instructions"}  # fmt: skip
+
+
+def self_spec_runs(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The self-specialized runs' ids in Table 2's order."""
+    order = list(_SELF_SPEC_VARIANTS)
+    ids = [k for k, r in runs.items() if r["generalist"] == SELF_SPEC]
+    return sorted(ids, key=lambda i: (order.index(v) if (v := i.removeprefix(f"{SELF_SPEC}-")) in order else 99, i))
+
+
+def self_spec_label(run_id: str, of: int = 1) -> str:
+    """A self-specialized run's column name: "self-specialized" when it is the only one, else its variant."""
+    variant = run_id.removeprefix(f"{SELF_SPEC}-")
+    return "self-specialized" if of == 1 else f"self-specialized {_SELF_SPEC_VARIANTS.get(variant, variant)}"
+
+
 def _columns(runs: dict[str, dict]) -> list[tuple[str, list[str]]]:
     """Table 1 columns: base, generalist-only, specialist, specialist + generalist (largest amount); seeds pooled."""
-    synth = [k for k, r in runs.items() if r["generalist"] == SELF_SPEC]
+    synth = self_spec_runs(runs)
     runs = {k: r for k, r in runs.items() if r["generalist"] != SELF_SPEC}
     top = max((r["amount"] for r in runs.values()), default=0)
     gens = sorted({r["generalist"] for r in runs.values()} - {"none"})
-    cols = [("base", [k for k, r in runs.items() if r["weights"] is None]), ("self-specialized", synth)]
+    cols = [("base", [k for k, r in runs.items() if r["weights"] is None])]
+    cols += [(self_spec_label(i, len(synth)), [i]) for i in synth]
     for g in gens:
         cols.append((f"{g} only", [k for k, r in runs.items() if r["generalist"] == g and r["amount"] == 0]))
     if top:
@@ -108,7 +135,7 @@ def _over_seeds(
         return None
     if len(run_ids) == 1:
         return dict(single) if single is not None else None
-    primary = primary_metrics(data["scores"])
+    primary = _primary(data)
     per_run = [_example_scores(data, i, primary, k, tasks=tasks) for i in run_ids]
     common = [key for key in per_run[0] if all(key in p for p in per_run[1:])]  # in the predictions' order
     est = bootstrap_ci([statistics.mean(p[key] for p in per_run) for key in common], resamples=1000)
@@ -118,7 +145,7 @@ def _over_seeds(
 def _pooled(data: dict[str, Any], k: int, tasks: set[str] | None = None) -> dict[str, dict[str, float]]:
     """run_id -> mean and 95% bootstrap CI of the primary metric over every example of every task (or of
     `tasks`) at k shots (with equal examples per task, the macro average)."""
-    primary = primary_metrics(data["scores"])
+    primary = _primary(data)
     out = {}
     for run_id in data["runs"]:
         per_example = _example_scores(data, run_id, primary, k, tasks=tasks)
@@ -133,7 +160,7 @@ def table(data: dict[str, Any]) -> dict[str, Any]:
     ks = sorted({s["k"] for s in data["scores"]})
     cols = _columns(data["runs"])
     answers = data.get("answers", {})
-    metrics = primary_metrics(data["scores"])
+    metrics = _primary(data)
     rows = []
     for k in ks:
         head = headline(data, k)
@@ -158,8 +185,28 @@ def table(data: dict[str, Any]) -> dict[str, Any]:
                     cell["one_answer"] = all(len(answers.get(i, {}).get(t, ())) == 1 for i in ids)
                 cells.append(cell)
             label = t if len(ks) == 1 else f"{t} (k={k})"
-            rows.append({"task": label, "metric": metrics.get(t, "primary metric, pooled"), "cells": cells})
+            rows.append({"task": label, "name": t, "k": k, "metric": metrics.get(t, "primary metric, pooled"),
+                         "cells": cells})  # fmt: skip
     return {"columns": [c for c, _ in cols], "rows": rows}
+
+
+def over_shots(tab: dict[str, Any]) -> list[dict[str, Any]]:
+    """Kang et al. Table 4: each row of `table` (a task or a pooled group) and column, the primary metric's worst,
+    average and best over the evaluated shot counts. Empty when one k was evaluated."""
+    by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in tab["rows"]:
+        by_name[r["name"]].append(r)
+    if all(len(rows) < 2 for rows in by_name.values()):
+        return []
+    out = []
+    for name, rows in by_name.items():
+        cells: list[dict[str, float] | None] = []
+        for i in range(len(tab["columns"])):
+            means = [r["cells"][i]["mean"] for r in rows if r["cells"][i] is not None]
+            cells.append({"worst": min(means), "average": statistics.mean(means), "best": max(means)}
+                         if means else None)  # fmt: skip
+        out.append({"task": name, "metric": rows[0]["metric"], "ks": [r["k"] for r in rows], "cells": cells})
+    return out
 
 
 def curves(data: dict[str, Any]) -> dict[str, dict[str, list[tuple[int, float, float, float]]]]:
@@ -225,26 +272,54 @@ def _paired_difference(a: dict[tuple[str, str], float], b: dict[tuple[str, str],
 def self_spec_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Kang et al.'s Table 1, tested on these numbers: the self-specialized model beats its base model. Per shot
     count: paired bootstrap of (self-specialized - base), pooled over tasks and examples."""
-    runs = data["runs"].items()
-    synth = [i for i, r in runs if r["generalist"] == SELF_SPEC]
-    base = [i for i, r in runs if r["weights"] is None]
+    synth = self_spec_runs(data["runs"])
+    base = [i for i, r in data["runs"].items() if r["weights"] is None]
     if not synth or not base:
         return []
-    primary = primary_metrics(data["scores"])
+    primary = _primary(data)
     out = []
-    for k in sorted({s["k"] for s in data["scores"]}):
-        a = _example_scores(data, synth[0], primary, k)
-        b = _example_scores(data, base[0], primary, k)
-        d, keys = _paired_difference(a, b)
-        if d is None:
-            continue
-        holds = d.low > 0
-        text = (f"Self-specialization changes the score by {_signed(d)} points at "
-                f"k={k} ({len({t for t, _ in keys})} tasks, {len(keys)} examples): "
-                + ("better than the base model, as Kang et al. find" if holds else
-                   "no significant gain over the base model; the finding does not hold at this scale"))  # fmt: skip
-        out.append({"finding": "self-specialization", "k": k, "holds": holds, "text": text, "gain": vars(d)})
+    for run_id in synth:
+        who = "Self-specialization" if len(synth) == 1 else self_spec_label(run_id, len(synth)).capitalize()
+        for k in sorted({s["k"] for s in data["scores"]}):
+            a = _example_scores(data, run_id, primary, k)
+            b = _example_scores(data, base[0], primary, k)
+            d, keys = _paired_difference(a, b)
+            if d is None:
+                continue
+            holds = d.low > 0
+            text = (f"{who} changes the score by {_signed(d)} points at "
+                    f"k={k} ({len({t for t, _ in keys})} tasks, {len(keys)} examples): "
+                    + ("better than the base model, as Kang et al. find" if holds else
+                       "no significant gain over the base model; the finding does not hold at this scale"))  # fmt: skip
+            out.append({"finding": "self-specialization", "run": run_id, "k": k, "holds": holds, "text": text,
+                        "gain": vars(d)})  # fmt: skip
     return out
+
+
+def iterations_table(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Kang et al. Table 2: the base model and every self-specialized variant at the fewest shots, each as its
+    primary metric and ROUGE-L pooled over the generation tasks (those scored by ROUGE-L, as all of the paper's
+    are; equal examples per task: their average), with the paired bootstrap difference from the base on the
+    primary metric. Empty unless there are several variants."""
+    synth = self_spec_runs(data["runs"])
+    base = next((i for i, r in data["runs"].items() if r["weights"] is None), None)
+    if len(synth) < 2 or base is None:
+        return []
+    k0 = min(s["k"] for s in data["scores"])
+    primary = _primary(data)
+    with_rouge = {s["task"] for s in data["scores"] if s["metric"] == "rouge_l"}
+    pooled = with_rouge or None  # without generation tasks: every task on its primary metric
+    base_scores = _example_scores(data, base, primary, k0, tasks=pooled)
+    rows = []
+    for run_id in [base, *synth]:
+        own = _example_scores(data, run_id, primary, k0, tasks=pooled)
+        rouge = _example_scores(data, run_id, {t: "rouge_l" for t in with_rouge}, k0, tasks=with_rouge)
+        d, _ = _paired_difference(own, base_scores) if run_id != base else (None, [])
+        rows.append({"run": run_id, "label": "base" if run_id == base else self_spec_label(run_id, len(synth)),
+                     "k": k0, "primary": statistics.mean(own.values()) if own else None,
+                     "rouge_l": statistics.mean(rouge.values()) if rouge else None,
+                     "vs_base": vars(d) if d is not None else None, "examples": len(own)})  # fmt: skip
+    return rows
 
 
 def _seed0(runs: dict[str, dict[str, Any]], generalist: str, amount: int) -> str | None:
@@ -262,7 +337,7 @@ def _paraphrased(data: dict[str, Any], run_id: str, primary: dict[str, str], k: 
 def robustness(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Shi et al. Figure 4, per run: the primary metric under the original instruction and under paraphrases of
     it (mean, worst and best paraphrase), pooled over the tasks that have paraphrases, at the fewest shots."""
-    primary = primary_metrics(data["scores"])
+    primary = _primary(data)
     k0 = min((s["k"] for s in data["scores"]), default=0)
     out = []
     for run_id in sorted(data["runs"]):
@@ -287,7 +362,7 @@ def robustness_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     under paraphrased instructions. Paired bootstrap of (with - without) on the paraphrase-averaged score per
     example, at the largest specialist amount."""
     runs = data["runs"]
-    primary = primary_metrics(data["scores"])
+    primary = _primary(data)
     k0 = min((s["k"] for s in data["scores"]), default=0)
     top = max((r["amount"] for r in runs.values() if r["generalist"] != SELF_SPEC), default=0)
     without = _seed0(runs, "none", top)
@@ -328,7 +403,7 @@ def findings(data: dict[str, Any]) -> list[dict[str, Any]]:
 def _generalist_gains(data: dict[str, Any], scope: str | None, tasks: set[str] | None) -> list[dict[str, Any]]:
     """The generalist-gain finding over every task (scope None) or over one report group's tasks."""
     runs = data["runs"]
-    primary = primary_metrics(data["scores"])
+    primary = _primary(data)
     k0 = min((s["k"] for s in data["scores"]), default=0)
     amounts = sorted({r["amount"] for r in runs.values() if r["amount"] > 0 and r["generalist"] != SELF_SPEC})
     gens = sorted({r["generalist"] for r in runs.values()} - {"none", SELF_SPEC})

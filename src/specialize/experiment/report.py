@@ -16,7 +16,9 @@ from specialize.experiment.findings import (
     ONE_ANSWER_NOTE,
     curves,
     findings,
+    iterations_table,
     load,
+    over_shots,
     robustness,
     table,
 )
@@ -93,6 +95,46 @@ def _robustness_section(rows: list[dict[str, Any]]) -> str:
             f"{body}</table>")  # fmt: skip
 
 
+def _variant_cells(r: dict[str, Any]) -> list[str]:
+    """One Table 2 row: label, pooled primary metric, pooled ROUGE-L, difference from the base."""
+    d = r["vs_base"]
+    return [r["label"], *("–" if r[m] is None else f"{r[m]:.1f}" for m in ("primary", "rouge_l")),
+            "–" if d is None else f"{d['mean']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"]  # fmt: skip
+
+
+def _variants_section(data: dict[str, Any]) -> str:
+    rows = iterations_table(data)
+    if not rows:
+        return ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _variant_cells(r)) + "</tr>" for r in rows)
+    return (f"<h2>Self-specialization variants (Kang et al. Table 2)</h2><p>k={rows[0]['k']}; each task's primary "
+            f"metric and ROUGE-L pooled over tasks; difference from the base by paired bootstrap.</p>"
+            f"<table id='variants'><tr><th>model</th><th>primary (pooled)</th><th>ROUGE-L (pooled)</th>"
+            f"<th>primary vs base</th></tr>{body}</table>")  # fmt: skip
+
+
+def _over_shots_cell(c: dict[str, float] | None) -> str:
+    return "–" if c is None else f"{c['worst']:.1f} / {c['average']:.1f} / {c['best']:.1f}"
+
+
+def _shots_section(tab: dict[str, Any]) -> str:
+    shots = over_shots(tab)
+    if not shots:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in tab["columns"])
+    body = "".join(
+        f"<tr><td>{html.escape(r['task'])} <span class='ci'>{r['metric']}</span></td>"
+        + "".join(f"<td>{_over_shots_cell(c)}</td>" for c in r["cells"])
+        + "</tr>"
+        for r in shots
+    )
+    ks = "/".join(map(str, shots[0]["ks"]))
+    return (
+        f"<h2>Worst / average / best over k = {ks}</h2><p>Kang et al. Table 4: the primary metric at each "
+        f"shot count, summarized.</p><table id='over-shots'><tr><th>task</th>{head}</tr>{body}</table>"
+    )
+
+
 def _synth_section(meta: dict[str, Any]) -> str:
     if "synth" not in meta:
         return ""
@@ -156,6 +198,15 @@ def markdown(data: dict[str, Any], tab: dict, cv: dict, found: list[dict], robus
             rows.append([g, *(_md_cell(at.get(a)) for a in amounts)])
         header = ["generalist", *(f"n={a}" for a in amounts)]
         parts.append(f"\n## Score vs specialist data: {task}\n" + _md_table(header, rows))
+    if shots := over_shots(tab):
+        ks = "/".join(map(str, shots[0]["ks"]))
+        rows = [[f"{r['task']} ({r['metric']})", *map(_over_shots_cell, r["cells"])] for r in shots]
+        parts.append(f"\n## Worst / average / best over k = {ks} (Kang et al. Table 4)\n"
+                     + _md_table(["task", *tab["columns"]], rows))  # fmt: skip
+    if variants := iterations_table(data):
+        parts.append(f"\n## Self-specialization variants at k={variants[0]['k']} (Kang et al. Table 2)\n"
+                     + _md_table(["model", "primary (pooled)", "ROUGE-L (pooled)", "primary vs base (paired 95% CI)"],
+                                 [_variant_cells(r) for r in variants]))  # fmt: skip
     texts = [f["text"] for f in found] or ["no comparison to test in this grid"]
     parts.append("\n## Findings at this scale\n" + "".join(f"- {t}\n" for t in texts))
     if robust:
@@ -189,7 +240,9 @@ def render(run_dir: str | Path) -> Path:
     png = plot_curves(cv, run_dir / "curves.png")
     cfg = data["meta"].get("config", {})
     atomic_write_text(run_dir / "report.json", json.dumps({"table": tab, "curves": cv, "findings": found,
-                                                           "robustness": robust}, indent=1))  # fmt: skip
+                                                           "robustness": robust, "over_shots": over_shots(tab),
+                                                           "variants": iterations_table(data)},
+                                                          indent=1))  # fmt: skip
     atomic_write_text(run_dir / "report.md", markdown(data, tab, cv, found, robust))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in tab["columns"])
     body = "".join(f"<tr><td>{html.escape(r['task'])} <span class='ci'>{r['metric']}</span></td>"
@@ -207,6 +260,8 @@ def render(run_dir: str | Path) -> Path:
 <p>{html.escape(cfg.get("description", ""))}</p><p class="ci">{html.escape(cfg.get("scale_note", ""))}</p>
 <h2>Results</h2><p>Primary metric per task, original instruction, 95% bootstrap CI in brackets. {ONE_ANSWER_NOTE}</p>
 <table id="results"><tr><th>task</th>{head}</tr>{body}</table>
+{_shots_section(tab)}
+{_variants_section(data)}
 <h2>Findings at this scale</h2><ul id="findings">{finding_items or "<li>no comparison to test in this grid</li>"}</ul>
 <h2>Score vs specialist data</h2>{_img(png, "score vs specialist amount")}
 {_robustness_section(robust)}

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS scores (
     ci_high REAL, n INTEGER, PRIMARY KEY (run_id, task, k, variant, metric));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
+PRIMARY_META = "primary_metrics"  # meta key: task -> the metric its evaluation declared primary
 BASE_RUN = BASE  # the run id of the base model's evaluation
 RUN = "run"  # the name an evaluated adapter takes inside its evaluation
 
@@ -100,6 +101,11 @@ class Store:
                         "run_id": run_id, "task": s.task, "k": s.k, "variant": s.variant, "split": s.split,
                         "metric": metric, "mean": v.mean, "ci_low": v.ci95[0], "ci_high": v.ci95[1],
                         "n": s.n})  # fmt: skip
+            declared = {s.task: s.primary for s in scores if s.primary}
+            if declared:
+                row = self.db.execute("SELECT value FROM meta WHERE key = ?", (PRIMARY_META,)).fetchone()
+                merged = {**(json.loads(row[0]) if row else {}), **declared}
+                self._insert("meta", {"key": PRIMARY_META, "value": json.dumps(merged)})
 
     def read(self) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
         """(runs by id, scores, meta), every row a dict keyed by its column names."""
@@ -204,21 +210,24 @@ def print_plan(cfg: ExperimentConfig, rows: list[dict[str, Any]], train_tok_s: f
     print(f"estimated training time: ~{total_s / 60:.1f} min at {train_tok_s:.0f} tokens/s (plus evaluation)")
 
 
-def run_synth_block(cfg: ExperimentConfig, out: Path) -> Path | None:
-    if not cfg.synth:
-        return None
+SELF_SPEC = "self-spec"  # the `generalist` of every self-specialized run in the results store
+
+
+def _synth(cfg: ExperimentConfig, out: Path, name: str | None, **fields: Any) -> Path:
+    """One synth run of the experiment (`name` None: the single-variant layout, `<out>/synth`); its data.jsonl.
+    Named variants keep their instruction stages in the cache, where variants differing only in how responses
+    are made find and share one."""
     from specialize.synth.pipeline import SynthConfig, run_synth
 
-    sc = SynthConfig.model_validate({"model": cfg.models[0].model_dump(), "output_dir": str(out / "synth"),
-                                     **cfg.synth})  # fmt: skip
+    where = {"output_dir": str(out / "synth")} if name is None else {
+        "output_dir": str(out / "synth" / name), "instructions_root": str(cfg.cache / "synth")}  # fmt: skip
+    sc = SynthConfig.model_validate({"model": cfg.models[0].model_dump(), **cfg.synth, **where, **fields})
     return run_synth(sc)
 
 
-SELF_SPEC = "self-spec"
-
-
-def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path) -> None:
-    """Tune a LoRA specialist on the synthetic data (the paper's Table 1 'self-specialized' row) and evaluate it."""
+def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path, run_id: str) -> Path:
+    """Tune a LoRA specialist on synthetic data (Kang et al.'s 'self-specialized' model) and evaluate it; returns
+    the adapter."""
     from specialize.data import read_records
 
     n = len(read_records(data).records)
@@ -228,9 +237,33 @@ def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path) -> None:
     )  # fmt: skip
     weights, train_s = _train(tc)
     ec, eval_dir = eval_config(cfg, 0, weights)
-    _evaluate_into(store, f"{SELF_SPEC}-it1", ec, eval_dir, {
+    _evaluate_into(store, run_id, ec, eval_dir, {
         "model": cfg.models[0].spec, "generalist": SELF_SPEC, "amount": n, "seed": cfg.seeds[0],
         "weights": str(weights), "config": tc.model_dump(mode="json"), "train_s": train_s})  # fmt: skip
+    return weights
+
+
+def self_specialization(cfg: ExperimentConfig, store: Store, out: Path) -> None:
+    """The synth block: iteration 1 per retrieval variant, then (optionally) iteration 2 from one of their
+    specialists, each tuned and evaluated when `synth_stage` is set (Kang et al. Tables 1 and 2)."""
+    assert cfg.synth is not None
+    single = len(cfg.retrievals) == 1 and cfg.iteration2 is None  # the one-round layout of earlier runs
+    adapters: dict[str, Path] = {}
+    for r in cfg.retrievals:
+        data = _synth(cfg, out, None if single else f"it1-{r}", retrieval=r)
+        if r == cfg.retrievals[0]:
+            store.set_meta("synth", str(data.parent))
+        if cfg.synth_stage is not None:
+            adapters[r] = _self_specialize(cfg, store, data, f"{SELF_SPEC}-it1" + ("" if single else f"-{r}"))
+    it2 = cfg.iteration2
+    if it2 is None:
+        return
+    for mode in it2.instructions:
+        # the same instruction set is answered again; a new one is written by the specialist, contrasted too
+        reuse = {"instructions_from": str(out / "synth" / f"it1-{it2.after}")} if mode == "same" else {}
+        data = _synth(cfg, out, f"it2-{mode}", retrieval=it2.after, adapter=str(adapters[it2.after]),
+                      contrastive=True, alpha=it2.alpha, iteration=2, **reuse)  # fmt: skip
+        _self_specialize(cfg, store, data, f"{SELF_SPEC}-it2-{mode}")
 
 
 @contextlib.contextmanager
@@ -262,11 +295,8 @@ def _run(cfg: ExperimentConfig) -> Path:
     out = Path(cfg.output_dir)
     store = Store(out / "results.sqlite")
     store.set_meta("config", cfg.model_dump(mode="json"))
-    synth_data = run_synth_block(cfg, out)
-    if synth_data is not None:
-        store.set_meta("synth", str(synth_data.parent))
-        if cfg.synth_stage is not None:
-            _self_specialize(cfg, store, synth_data)
+    if cfg.synth:
+        self_specialization(cfg, store, out)
     if cfg.include_base:
         for m in range(len(cfg.models)):
             ec, eval_dir = eval_config(cfg, m, None)

@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from specialize import models
 from specialize.config import ConfigError, ModelConfig, Retrieval
-from specialize.data import Example, read_records, write_jsonl
+from specialize.data import Example, write_jsonl
+from specialize.data.sources import DataSource
 from specialize.generation import Output, Request, SamplingParams, mixture_requests, retrieval_weights
 from specialize.generation.engines import HFEngine, TextEngine, engine_for, run_split
 from specialize.hashing import file_sha256, fingerprint
@@ -53,9 +54,11 @@ class SynthConfig(BaseModel):
     contrastive: bool = Field(False, description="with an adapter: contrastive decoding against the base (eq. 3)")
     alpha: float = Field(0.1, gt=0, le=1, description="plausibility cutoff of contrastive decoding")
     iteration: int = Field(1, ge=1)
-    seeds: str
-    seeds_format: str | None = None
-    seeds_per_task: int = Field(5, ge=1)
+    seeds: str | list[DataSource] = Field(
+        description="a seed file, or sources (e.g. the training part of a seeded split of each benchmark)"
+    )
+    seeds_format: str | None = Field(None, description="the format of a seed file given as a path")
+    seeds_per_task: int = Field(5, ge=1, description="at most this many seeds of each task (or source), file order")
     corpus: str | None = None
     retrieval: Retrieval = "marginalize"
     top_k: int = Field(5, ge=1)
@@ -77,34 +80,91 @@ class SynthConfig(BaseModel):
     response_prompt_file: str | None = None
     seed: int = 0
     output_dir: str = "runs/synth"
+    instructions_root: str | None = Field(
+        None,
+        description="keep the instruction stage under this directory, keyed by the settings that shape it, so "
+        "runs that differ only in how responses are made share it (Table 2's retrieval variants); None: in "
+        "output_dir",
+    )
+    instructions_from: str | None = Field(
+        None,
+        description="a finished synth run whose instructions are answered again instead of writing new ones "
+        "(Table 2's second iteration on the same instruction set)",
+    )
 
-    def fingerprint(self) -> str:
-        blob = self.model_dump(mode="json", exclude={"output_dir", "num", "max_batches"})
+    def _blob(self, exclude: set[str]) -> dict[str, Any]:
+        # where things are kept and how far a run goes (num, max_batches: extending continues the logs) are not
+        # content; instructions_from enters as the content it names
+        blob = self.model_dump(mode="json", exclude={"output_dir", "num", "max_batches", "instructions_root",
+                                                     "instructions_from", *exclude})  # fmt: skip
         blob["model"] = self.model.hashed()
         blob["model_info"] = models.model_identity(self.model.spec)
         if self.adapter:
             blob["adapter_sha256"] = file_sha256(Path(self.adapter) / models.ADAPTER_WEIGHTS)
         for key in ("instruction_prompt_file", "response_prompt_file"):
-            if blob[key]:
+            if blob.get(key):
                 blob[key + "_text"] = Path(blob[key]).read_text()
+        return blob
+
+    def fingerprint(self) -> str:
+        blob = self._blob(set())
+        if self.instructions_from:
+            blob["instructions_sha256"] = file_sha256(Path(self.instructions_from) / INSTRUCTIONS)
         return fingerprint(blob, length=None)
+
+    def instruction_fingerprint(self) -> str:
+        """The settings that shape the instruction stage: everything but how responses are made."""
+        return fingerprint(self._blob(RESPONSE_FIELDS), length=None)
+
+    @property
+    def instruction_dir(self) -> Path:
+        if self.instructions_root is None:
+            return Path(self.output_dir)
+        return Path(self.instructions_root) / f"instructions-{self.instruction_fingerprint()[:16]}"
+
+
+# the settings that only change how responses are made: runs differing in nothing else share their instructions
+RESPONSE_FIELDS = {"corpus", "retrieval", "top_k", "document_words", "response_sampling", "response_prompt_file"}
+INSTRUCTIONS = "instructions.json"  # a run's accepted instructions and filter counts, once the stage is complete
+
+
+@dataclass
+class Instructions:
+    """The accepted instructions of a finished instruction stage (each a dict with id, instruction, input, demo
+    ids, batch, sampling seed, time, engine) and the filters' counts."""
+
+    items: list[dict[str, Any]]
+    counts: Counter[str]
+
+    def write(self, path: Path, instruction_fingerprint: str) -> None:
+        atomic_write_text(path, json.dumps({"instruction_fingerprint": instruction_fingerprint,
+                                            "items": self.items, "counts": dict(self.counts)}))  # fmt: skip
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> Instructions:
+        path = Path(run_dir) / INSTRUCTIONS
+        if not path.is_file():
+            raise ConfigError(f"{path}: no finished instruction stage there (run that synth first)")
+        data = json.loads(path.read_text())
+        return cls(data["items"], Counter(data["counts"]))
 
 
 # ---------------------------------------------------------------------------------------------- steps
 
 
 def load_seeds(cfg: SynthConfig) -> list[Example]:
-    """At most `seeds_per_task` examples per task, in file order."""
-    result = read_records(cfg.seeds, cfg.seeds_format)
+    """At most `seeds_per_task` examples per task, in file order (sources in the order given)."""
+    sources = [DataSource(path=cfg.seeds, format=cfg.seeds_format)] if isinstance(cfg.seeds, str) else cfg.seeds
     per_task: Counter[str] = Counter()
     seeds = []
-    for r in result.records:
+    for r in (r for source in sources for r in source.read()):
         key = r.task or r.source
         if per_task[key] < cfg.seeds_per_task:
             seeds.append(r)
             per_task[key] += 1
     if len(seeds) < cfg.demos_per_prompt:
-        raise ConfigError(f"{cfg.seeds}: {len(seeds)} seeds, fewer than demos_per_prompt={cfg.demos_per_prompt}")
+        where = cfg.seeds if isinstance(cfg.seeds, str) else ", ".join(s.path for s in cfg.seeds)
+        raise ConfigError(f"{where}: {len(seeds)} seeds, fewer than demos_per_prompt={cfg.demos_per_prompt}")
     return seeds
 
 
@@ -187,7 +247,8 @@ class Engines:
 
 
 def generate_instructions(cfg: SynthConfig, engines: Engines, tokenizer, seeds: list[Example], out: Path,
-                          progress) -> Pool:  # fmt: skip
+                          progress) -> Instructions:  # fmt: skip
+    """The instruction stage in `out` (its log: resumable, shareable), generated until `cfg.num` are kept."""
     log = out / "instructions.log.jsonl"
     template_text = Path(cfg.instruction_prompt_file).read_text() if cfg.instruction_prompt_file else INSTRUCTION_PROMPT
     pool = Pool(cfg, seeds)
@@ -214,10 +275,10 @@ def generate_instructions(cfg: SynthConfig, engines: Engines, tokenizer, seeds: 
         pool.offer_batch(record)
         progress.update(task, completed=len(pool.items))
         batch += 1
-    return pool
+    return Instructions(pool.items, pool.counts)
 
 
-def generate_responses(cfg: SynthConfig, engines: Engines, tokenizer, pool: Pool, out: Path,
+def generate_responses(cfg: SynthConfig, engines: Engines, tokenizer, pool: Instructions, out: Path,
                        progress) -> dict[str, dict]:  # fmt: skip
     from specialize.synth.retrieval import Retriever
 
@@ -257,7 +318,7 @@ def generate_responses(cfg: SynthConfig, engines: Engines, tokenizer, pool: Pool
     return done
 
 
-def assemble(cfg: SynthConfig, pool: Pool, responses: dict[str, dict]) -> tuple[list[Example], Counter]:
+def assemble(cfg: SynthConfig, pool: Instructions, responses: dict[str, dict]) -> tuple[list[Example], Counter]:
     model_info = models.model_identity(cfg.model.spec)
     adapter_hash = file_sha256(Path(cfg.adapter) / models.ADAPTER_WEIGHTS) if cfg.adapter else None
     examples, counts = [], Counter()
@@ -284,6 +345,15 @@ def assemble(cfg: SynthConfig, pool: Pool, responses: dict[str, dict]) -> tuple[
     return examples, counts
 
 
+def _claim(directory: Path, key: str, value: str, cfg: SynthConfig) -> None:
+    """Mark `directory` as holding the work of this `key` (a fingerprint); one holding other work is refused."""
+    meta = directory / "config.json"
+    if meta.is_file() and json.loads(meta.read_text()).get(key) != value:
+        raise ConfigError(f"{directory} holds a run with a different config; use another output_dir")
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta, json.dumps({key: value, "config": cfg.model_dump(mode="json")}, indent=1))
+
+
 def run_synth(cfg: SynthConfig, *, progress: bool = True) -> Path:
     """Run (or resume) the whole flow; returns the path of `data.jsonl`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -298,12 +368,11 @@ def run_synth(cfg: SynthConfig, *, progress: bool = True) -> Path:
         models.check_adapter(SPECIALIST, cfg.adapter)
     out = Path(cfg.output_dir)
     seeds = load_seeds(cfg)
-    fingerprint = cfg.fingerprint()
-    meta = out / "config.json"
-    if meta.is_file() and json.loads(meta.read_text())["fingerprint"] != fingerprint:
-        raise ConfigError(f"{out} holds a run with a different config; use another output_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(meta, json.dumps({"fingerprint": fingerprint, "config": cfg.model_dump(mode="json")}, indent=1))
+    reused = Instructions.read(cfg.instructions_from) if cfg.instructions_from else None
+    _claim(out, "fingerprint", cfg.fingerprint(), cfg)
+    idir = cfg.instruction_dir
+    if reused is None and idir != out:
+        _claim(idir, "instruction_fingerprint", cfg.instruction_fingerprint(), cfg)
     write_jsonl(seeds, out / "seeds.jsonl")
 
     # synth renders its own prompts (raw continuation, the expert template), so no checkpoint template applies
@@ -312,7 +381,8 @@ def run_synth(cfg: SynthConfig, *, progress: bool = True) -> Path:
     engines = Engines(engine_for(rt, cfg.model) if cfg.model.engine != "hf" else hf, hf)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
-        pool = generate_instructions(cfg, engines, rt.tokenizer, seeds, out, bar)
+        pool = reused or generate_instructions(cfg, engines, rt.tokenizer, seeds, idir, bar)
+        pool.write(out / INSTRUCTIONS, cfg.instruction_fingerprint())
         responses = generate_responses(cfg, engines, rt.tokenizer, pool, out, bar)
     examples, counts = assemble(cfg, pool, responses)
     data = out / "data.jsonl"
