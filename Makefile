@@ -46,7 +46,7 @@ quickstart: setup
 
 test: setup browser vllm
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
-	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -p no:cacheprovider tests/vllm_engine
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -p no:cacheprovider tests/vllm_engine tests/serve/test_api.py -k "vllm"
 
 vllm: $(VSTAMP)
 
@@ -67,7 +67,7 @@ $(VSTAMP): pyproject.toml Makefile
 	touch $(VSTAMP)
 
 test-vllm: vllm
-	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -p no:cacheprovider tests/vllm_engine
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -p no:cacheprovider tests/vllm_engine tests/serve/test_api.py -k "vllm"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -93,9 +93,8 @@ def tiny_model_dir(tmp_path_factory, tiny_model, gpt2_style_tokenizer) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
-    """Two random (non-zero) LoRA adapters of different ranks on the tiny model, saved as adapter directories."""
+def _random_adapters(tmp_path_factory, model_dir: Path) -> dict[str, Path]:
+    """Two random (non-zero) LoRA adapters of different ranks on a model directory, saved as adapter dirs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -103,10 +102,38 @@ def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     out = {}
     for i, name in enumerate(["alpha", "beta"]):
         torch.manual_seed(100 + i)
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir))
         # init_lora_weights=False: B is random too, so each adapter really changes the model
         cfg = LoraConfig(r=4 + 4 * i, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
         model = get_peft_model(base, cfg)
         out[name] = tmp_path_factory.mktemp(name) / "adapter"
         model.save_pretrained(out[name])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    return _random_adapters(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_model_dir(tmp_path_factory, gpt2_style_tokenizer) -> Path:
+    """A random-init 2-layer Llama with 32-wide heads (the smallest vLLM's CPU attention takes), saved."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    eos = gpt2_style_tokenizer.eos_token_id
+    cfg = LlamaConfig(
+        vocab_size=len(gpt2_style_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-vllm") / "model"
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    gpt2_style_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_adapters(tmp_path_factory, vllm_tiny_model_dir) -> dict[str, Path]:
+    return _random_adapters(tmp_path_factory, vllm_tiny_model_dir)

@@ -311,3 +311,16 @@ def test_table_2_rows_are_the_variants_in_the_papers_order_with_paired_differenc
     found = [f for f in findings(data) if f["finding"] == "self-specialization"]
     assert {f["run"] for f in found} == set(runs) - {BASE_RUN}
     assert next(f for f in found if f["run"].endswith("it2-new"))["holds"] is True
+
+
+def test_self_specialization_is_also_tested_within_each_report_group(tmp_path: Path):
+    rng = random.Random(1)
+    base = {(t, 0): [float(rng.random() < 0.5) * 100 for _ in range(60)] for t in ("a", "b")}
+    tuned = {("a", 0): [0.0] * 60, ("b", 0): list(base[("b", 0)])}  # breaks every right answer of task a
+    data = _data(tmp_path, base, tuned)
+    data["meta"] = {"config": {"report_groups": {"only a": ["a"], "only b": ["b"]}}}
+    found = {f["scope"]: f for f in findings(data) if f["finding"] == "self-specialization"}
+    right = sum(v > 0 for v in base[("a", 0)])
+    assert found["only a"]["gain"]["mean"] == pytest.approx(-right * 100 / 60)
+    assert "worse than the base model" in found["only a"]["text"] and found["only a"]["text"].startswith("[only a]")
+    assert found["only b"]["gain"]["mean"] == 0 and found[None]["gain"]["mean"] == pytest.approx(-right * 100 / 120)

@@ -16,10 +16,35 @@ from specialize.serve.server import ServeConfig, resolve_token, running
 TOKEN = "s3cret"
 
 
+@pytest.fixture(params=["hf", "vllm"])
+def engine_name(request) -> str:
+    """Every test of the served API runs on both engines; the vLLM runs where vLLM is installed (`make test`
+    runs them in the vLLM environment: `-k vllm`)."""
+    if request.param == "vllm":
+        pytest.importorskip("vllm", reason="the vLLM engine is not installed here (make vllm)")
+    return request.param
+
+
 @pytest.fixture
-def server(tiny_model_dir, tiny_adapters):
-    cfg = ServeConfig(model={"spec": str(tiny_model_dir), "threads": 1, "dtype": "float32"}, port=0, token=TOKEN,
-                      adapters={k: str(v) for k, v in tiny_adapters.items()},
+def served(engine_name, request):
+    """(model directory, adapters) the server runs: vLLM's CPU attention needs head sizes of 32 or more, so it
+    serves a tiny model of that shape (the transformers engine keeps the suite's 8-wide heads)."""
+    prefix = "" if engine_name == "hf" else "vllm_"
+    return request.getfixturevalue(f"{prefix}tiny_model_dir"), request.getfixturevalue(f"{prefix}tiny_adapters")
+
+
+@pytest.fixture
+def served_adapters(served) -> dict:
+    return served[1]
+
+
+@pytest.fixture
+def server(engine_name, served):
+    model_dir, adapters = served
+    model = {"spec": str(model_dir), "threads": 1, "dtype": "float32", "engine": engine_name}
+    if engine_name == "vllm":
+        model |= {"threads": 2, "vllm": {"max_lora_rank": 32}}
+    cfg = ServeConfig(model=model, port=0, token=TOKEN, adapters={k: str(v) for k, v in adapters.items()},
                       limits=Limits(max_request_bytes=4096, max_tokens=32, max_prompt_tokens=64))  # fmt: skip
     with running(cfg) as url:
         yield url
@@ -89,9 +114,9 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     assert c.completions.create(model="alpha", prompt="The cat", max_tokens=3).usage.completion_tokens >= 1
 
 
-def test_admin_registers_mixes_and_removes_adapters_at_run_time(server, tiny_adapters):
+def test_admin_registers_mixes_and_removes_adapters_at_run_time(server, served_adapters):
     c = client(server)
-    copy = {"name": "alpha-copy", "path": str(tiny_adapters["alpha"])}
+    copy = {"name": "alpha-copy", "path": str(served_adapters["alpha"])}
     status, body = post(server, "/admin/adapters", json.dumps(copy).encode())
     assert status == 200 and body["sha256"]
     blend = {"name": "blend", "mix": {"alpha": 0.7, "beta": 0.3}}
@@ -121,7 +146,7 @@ def test_admin_is_disabled_without_a_token_and_exposed_hosts_need_one(tiny_model
         assert client(url, key="anything").models.list().data[0].id == "base"
 
 
-def test_defects_found_by_a_new_user_are_400s_not_500s(server, tiny_adapters):
+def test_defects_found_by_a_new_user_are_400s_not_500s(server, served_adapters):
     """A lone surrogate, an empty stop string, a NaN mix weight: OpenAI-shaped 400s, and nothing changes."""
     status, err = post(server, "/v1/completions", b'{"model": "base", "prompt": "\\ud800 hi", "max_tokens": 2}')
     assert status == 400 and err["error"]["param"] == "prompt" and "Unicode" in err["error"]["message"]
@@ -130,12 +155,12 @@ def test_defects_found_by_a_new_user_are_400s_not_500s(server, tiny_adapters):
     status, err = post(server, "/admin/adapters", b'{"name": "nan", "mix": {"alpha": NaN, "beta": 0.5}}')
     assert status == 400 and "nan" not in {m.id for m in client(server).models.list().data}
     # a corrupt adapter: 400, and the name can be registered afterwards
-    bad = tiny_adapters["alpha"].parent / "corrupt"
+    bad = served_adapters["alpha"].parent / "corrupt"
     bad.mkdir(exist_ok=True)
-    (bad / "adapter_config.json").write_text((tiny_adapters["alpha"] / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text((served_adapters["alpha"] / "adapter_config.json").read_text())
     (bad / "adapter_model.safetensors").write_bytes(b"not safetensors")
     assert post(server, "/admin/adapters", json.dumps({"name": "g", "path": str(bad)}).encode())[0] == 400
-    good = {"name": "g", "path": str(tiny_adapters["alpha"])}
+    good = {"name": "g", "path": str(served_adapters["alpha"])}
     assert post(server, "/admin/adapters", json.dumps(good).encode())[0] == 200
 
 

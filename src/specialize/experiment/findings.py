@@ -271,28 +271,38 @@ def _paired_difference(a: dict[tuple[str, str], float], b: dict[tuple[str, str],
 
 def self_spec_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Kang et al.'s Table 1, tested on these numbers: the self-specialized model beats its base model. Per shot
-    count: paired bootstrap of (self-specialized - base), pooled over tasks and examples."""
+    count: paired bootstrap of (self-specialized - base), pooled over every task and over each report group's
+    (e.g. the generation tasks apart from an option-ranking view)."""
+    out = []
+    for scope, tasks in [(None, None), *task_groups(data).items()]:
+        out += _self_spec_gains(data, scope, tasks)
+    return out
+
+
+def _self_spec_gains(data: dict[str, Any], scope: str | None, tasks: set[str] | None) -> list[dict[str, Any]]:
     synth = self_spec_runs(data["runs"])
     base = [i for i, r in data["runs"].items() if r["weights"] is None]
     if not synth or not base:
         return []
     primary = _primary(data)
+    where = f"[{scope}] " if scope else ""
     out = []
     for run_id in synth:
         who = "Self-specialization" if len(synth) == 1 else self_spec_label(run_id, len(synth)).capitalize()
         for k in sorted({s["k"] for s in data["scores"]}):
-            a = _example_scores(data, run_id, primary, k)
-            b = _example_scores(data, base[0], primary, k)
+            a = _example_scores(data, run_id, primary, k, tasks=tasks)
+            b = _example_scores(data, base[0], primary, k, tasks=tasks)
             d, keys = _paired_difference(a, b)
             if d is None:
                 continue
             holds = d.low > 0
-            text = (f"{who} changes the score by {_signed(d)} points at "
+            text = (f"{where}{who} changes the score by {_signed(d)} points at "
                     f"k={k} ({len({t for t, _ in keys})} tasks, {len(keys)} examples): "
                     + ("better than the base model, as Kang et al. find" if holds else
+                       "worse than the base model; the finding does not hold at this scale" if d.high < 0 else
                        "no significant gain over the base model; the finding does not hold at this scale"))  # fmt: skip
-            out.append({"finding": "self-specialization", "run": run_id, "k": k, "holds": holds, "text": text,
-                        "gain": vars(d)})  # fmt: skip
+            out.append({"finding": "self-specialization", "scope": scope, "run": run_id, "k": k, "holds": holds,
+                        "text": text, "gain": vars(d)})  # fmt: skip
     return out
 
 
