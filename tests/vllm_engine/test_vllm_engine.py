@@ -105,7 +105,8 @@ def test_eq2_and_eq3_are_refused_not_approximated(engines, capsys):
     with pytest.raises(Unsupported, match="eq. 2"):
         vllm.run([mixture])
     plain = Request([ids], SamplingParams(max_new_tokens=8))
-    got = run_split(vllm, hf, [mixture, plain], "test")
+    got, names = run_split(vllm, hf, [mixture, plain], "test")
+    assert names == [hf.name, vllm.name]
     assert "1 of 2 requests run on the transformers engine" in capsys.readouterr().err
     want = hf.run([Request([ids, ids[2:]], SamplingParams(max_new_tokens=8), weights=[0.7, 0.3])])
     assert got[0].text == want[0].text and got[1].text == vllm.run([Request([ids], plain.params)])[0].text

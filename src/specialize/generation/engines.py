@@ -57,13 +57,17 @@ class HFEngine:
         return run_requests(self.model, self.tokenizer, requests, batch_size=self.batch_size, precision=self.precision)
 
 
-def run_split(engine: TextEngine, fallback: TextEngine, requests: Sequence[Request], what: str) -> list[Output]:
+def run_split(
+    engine: TextEngine, fallback: TextEngine, requests: Sequence[Request], what: str
+) -> tuple[list[Output], list[str]]:
     """Run what `engine` computes exactly on it and the rest on `fallback` (the transformers engine), saying so
-    on stderr once per call; outputs in input order."""
+    on stderr once per call; outputs in input order, and the name of the engine that made each (synth's
+    provenance records it)."""
     why = [engine.supports(r) for r in requests]
+    names = [engine.name if w is None else fallback.name for w in why]
     theirs = [i for i, w in enumerate(why) if w is not None]
     if not theirs:
-        return engine.run(requests)
+        return engine.run(requests), names
     print(f"{what}: {len(theirs)} of {len(requests)} requests run on the transformers engine: the {engine.name} "
           f"engine cannot compute them exactly ({why[theirs[0]]})", file=sys.stderr)  # fmt: skip
     out: list[Output | None] = [None] * len(requests)
@@ -72,7 +76,7 @@ def run_split(engine: TextEngine, fallback: TextEngine, requests: Sequence[Reque
         if idx:
             for i, o in zip(idx, eng.run([requests[i] for i in idx]), strict=True):
                 out[i] = o
-    return [o for o in out if o is not None]
+    return [o for o in out if o is not None], names
 
 
 _VLLM_ENGINES: dict[str, TextEngine] = {}  # one vLLM engine per model, adapters and settings, per process

@@ -476,7 +476,7 @@ class TokenLoop:
             self.adapters_changed()
             self._tuners = tuner_layers(self.model)
             if self.lora == "stacked":
-                self._stack, why = StackedLoRA.build(self.model)
+                self._stack, why = StackedLoRA.build(self.model, self._tuners)
                 self.lora_path = "stacked" if self._stack else f"peft ({why})"
             self._stack_key = key
         return self._stack

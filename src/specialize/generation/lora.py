@@ -118,7 +118,7 @@ class StackedLoRA:
     """The adapters of a PeftModel stacked for batched application. `rows(adapters)` is the context of one
     forward: each row's adapter name (None: the active adapter; `NO_ADAPTER`: none)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, tuners: list[Any] | None = None):
         self.model = model
         self.names = list(model.peft_config)
         self.slot = {name: i for i, name in enumerate(self.names)}
@@ -127,16 +127,17 @@ class StackedLoRA:
         self.layers = {id(m): _Layer(m, self.names, self.rank) for m in modules}
         self._present: torch.Tensor | None = None  # slots in this forward's rows
         self._mask: torch.Tensor | None = None  # [rows, 1, |present| * R]
-        self._tuners = tuner_layers(model)
+        self._tuners = tuners if tuners is not None else tuner_layers(model)  # the loop passes the list it has
         self._hooks = [m.register_forward_hook(self._hook) for m in modules]
 
     @classmethod
-    def build(cls, model: Any) -> tuple[StackedLoRA | None, str | None]:
-        """(stack, None), or (None, why not) for a model whose adapters must run on PEFT's path."""
+    def build(cls, model: Any, tuners: list[Any] | None = None) -> tuple[StackedLoRA | None, str | None]:
+        """(stack, None), or (None, why not) for a model whose adapters must run on PEFT's path. `tuners`: the
+        model's `tuner_layers`, when the caller has them (walking ~4,000 modules once is enough)."""
         if not hasattr(model, "peft_config"):
             return None, "not a PeftModel"
         why = unsupported(model)
-        return (None, why) if why else (cls(model), None)
+        return (None, why) if why else (cls(model, tuners), None)
 
     def close(self) -> None:
         for h in self._hooks:

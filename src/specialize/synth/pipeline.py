@@ -242,8 +242,7 @@ class Engines:
 
     def run(self, requests: list[Request], what: str) -> tuple[list[Output], list[str]]:
         """Outputs, and the name of the engine that made each (the provenance records it)."""
-        names = [self.main.name if self.main.supports(r) is None else self.fallback.name for r in requests]
-        return run_split(self.main, self.fallback, requests, what), names
+        return run_split(self.main, self.fallback, requests, what)
 
 
 def generate_instructions(cfg: SynthConfig, engines: Engines, tokenizer, seeds: list[Example], out: Path,

@@ -18,6 +18,7 @@ from specialize.data import (
     Example,
     FieldMap,
     LoadResult,
+    SuperNITask,
     closed_label_set,
     official_test_tasks,
     read_records,
@@ -64,8 +65,8 @@ class SourceSpec(BaseModel):
         return self.name or Path(self.path).name
 
 
-def _task_files(spec: SourceSpec) -> list[Path]:
-    """SuperNI-style directory: task files filtered by name and category."""
+def _tasks(spec: SourceSpec) -> list[SuperNITask]:
+    """SuperNI-style directory: its tasks, parsed once, filtered by name, category and classification rule."""
     root = Path(spec.path)
     by_name = superni_task_files(root)
     if not by_name:
@@ -83,16 +84,18 @@ def _task_files(spec: SourceSpec) -> list[Path]:
     if (test := official_test_tasks(root)) and (leaked := sorted(set(by_name) & test)):
         # the test split is what held-out evaluation measures: a mix must never contain any of it
         raise MixError(f"source {spec.label!r}: {leaked[:5]} are official SuperNI test tasks; never train on them")
+    # each file is parsed once: the filters below and the records read the same parsed task
+    tasks = [read_superni_task(f, skip_invalid=spec.skip_invalid) for f in by_name.values()]
     if spec.categories:
         wanted = set(spec.categories)
-        by_name = {n: f for n, f in by_name.items() if wanted & set(read_superni_task(f).categories)}
-        if not by_name:
+        tasks = [t for t in tasks if wanted & set(t.categories)]
+        if not tasks:
             raise MixError(f"source {spec.label!r}: no task in {root} has categories {sorted(wanted)}")
     if spec.classification is not None:
-        by_name = {n: f for n, f in by_name.items() if closed_label_set(read_superni_task(f), spec.classification)}
-        if not by_name:
+        tasks = [t for t in tasks if closed_label_set(t, spec.classification)]
+        if not tasks:
             raise MixError(f"source {spec.label!r}: no task in {root} has at most {spec.classification} labels")
-    return list(by_name.values())
+    return tasks
 
 
 def load_source(spec: SourceSpec) -> LoadResult:
@@ -103,10 +106,9 @@ def load_source(spec: SourceSpec) -> LoadResult:
     mapping = FieldMap(**spec.mapping) if spec.mapping else None
     if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
         result = LoadResult()
-        for f in _task_files(spec):
-            part = read_records(f, "superni", skip_invalid=spec.skip_invalid)
-            result.records += part.records
-            result.skipped += part.skipped
+        for task in _tasks(spec):
+            result.records += task.instances.records
+            result.skipped += task.instances.skipped
         return result
     if spec.tasks or spec.categories or spec.exclude_tasks:
         raise MixError(f"source {spec.label!r}: task/category filters need a directory of task files")
