@@ -61,19 +61,24 @@ def bos_tokenizer():
     return _byte_level_bpe(bos=True)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(gpt2_style_tokenizer):
-    """A random-init 2-layer Llama sharing the GPT-2-style tokenizer's vocabulary."""
+def _tiny_llama(tokenizer, hidden: int, heads: int, kv_heads: int):
+    """A random-init (seed 0) 2-layer Llama sharing the tokenizer's vocabulary, EOS doubling as BOS and pad."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    eos = gpt2_style_tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     cfg = LlamaConfig(
-        vocab_size=len(gpt2_style_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
     )  # fmt: skip
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(gpt2_style_tokenizer):
+    """A random-init 2-layer Llama sharing the GPT-2-style tokenizer's vocabulary."""
+    return _tiny_llama(gpt2_style_tokenizer, hidden=32, heads=4, kv_heads=2)
 
 
 @pytest.fixture(scope="session")
@@ -119,17 +124,8 @@ def tiny_adapters(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def vllm_tiny_model_dir(tmp_path_factory, gpt2_style_tokenizer) -> Path:
     """A random-init 2-layer Llama with 32-wide heads (the smallest vLLM's CPU attention takes), saved."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    eos = gpt2_style_tokenizer.eos_token_id
-    cfg = LlamaConfig(
-        vocab_size=len(gpt2_style_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-    )  # fmt: skip
     path = tmp_path_factory.mktemp("tiny-vllm") / "model"
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    _tiny_llama(gpt2_style_tokenizer, hidden=64, heads=2, kv_heads=1).save_pretrained(path)
     gpt2_style_tokenizer.save_pretrained(path)
     return path
 

@@ -249,6 +249,12 @@ def test_over_shots_is_worst_average_best_of_each_row_over_k(tmp_path: Path):
     assert rows["all 2 tasks"]["cells"][base_col]["best"] == pytest.approx(90.0)  # k=5 pooled: (100 + 80) / 2
     one_k = {"columns": tab["columns"], "rows": [r for r in tab["rows"] if r["k"] == 0]}
     assert over_shots(one_k) == []
+    # a column evaluated at fewer k (a Table 2 variant at k = 0 only) has no worst/average/best cell
+    k0_only = {"columns": tab["columns"], "rows": [{**r, "cells": [c if i != tuned_col or r["k"] == 0 else None
+                                                                   for i, c in enumerate(r["cells"])]}
+                                                   for r in tab["rows"]]}  # fmt: skip
+    partial = {r["task"]: r for r in over_shots(k0_only)}
+    assert partial["a"]["cells"][tuned_col] is None and partial["a"]["cells"][base_col] == rows["a"]["cells"][base_col]
 
 
 def test_a_declared_primary_metric_reaches_the_report(tmp_path: Path):

@@ -259,8 +259,8 @@ def test_table_2_variants_share_one_instruction_stage_and_iteration_two_builds_o
         Path(sc.output_dir).mkdir(parents=True, exist_ok=True)
         return Path(sc.output_dir) / "data.jsonl"
 
-    def fake_tune(cfg, store, data, run_id):
-        tuned[run_id] = data
+    def fake_tune(cfg, store, data, run_id, shots=None):
+        tuned[run_id] = (data, shots)
         adapter = tmp_path / "adapters" / run_id
         adapter.mkdir(parents=True)
         (adapter / models.ADAPTER_WEIGHTS).write_bytes(run_id.encode())
@@ -272,7 +272,8 @@ def test_table_2_variants_share_one_instruction_stage_and_iteration_two_builds_o
     stage = {"epochs": 1, "batch_size": 4, "micro_batch_size": 4, "lr": 1e-3, "max_length": 64}
     synth = {"seeds": "seeds.json", "corpus": "corpus.jsonl", "retrieval": ["marginalize", "top1", "none"]}
     raw = experiment(tiny_model_dir, out, generalists=[None], amounts=[0], include_base=False, synth_stage=stage,
-                     synth=synth, iteration2={"after": "top1"})  # fmt: skip
+                     synth=synth, iteration2={"after": "top1"}, variant_shots=[0])  # fmt: skip
+    raw["eval"] = {**raw["eval"], "shots": [0, 1]}
     run_experiment(ExperimentConfig.model_validate(raw))
 
     assert [(sc.retrieval, sc.iteration) for sc in made] == [
@@ -287,6 +288,13 @@ def test_table_2_variants_share_one_instruction_stage_and_iteration_two_builds_o
     assert new.instruction_dir not in (first[0].instruction_dir, Path(same.output_dir))  # written anew
     assert list(tuned) == ["self-spec-it1-marginalize", "self-spec-it1-top1", "self-spec-it1-none",
                            "self-spec-it2-same", "self-spec-it2-new"]  # fmt: skip
+    # the first variant is evaluated at every k (Tables 1 and 4), the others at variant_shots (Table 2)
+    assert [shots for _, shots in tuned.values()] == [None, [0], [0], [0], [0]]
+    for bad, match in [({"variant_shots": [1, 5]}, "must be a non-empty subset of eval.shots"),
+                       ({"variant_shots": [0], "iteration2": None, "synth": {**synth, "retrieval": "none"}},
+                        "variant_shots needs Table 2's variants")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            ExperimentConfig.model_validate({**raw, **bad})
     with pytest.raises(ValueError, match="iteration2.after: 'marginalize' is not one of"):
         ExperimentConfig.model_validate({**raw, "synth": {**raw["synth"], "retrieval": ["top1", "none"]},
                                          "iteration2": {"after": "marginalize"}})  # fmt: skip

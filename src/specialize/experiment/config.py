@@ -71,6 +71,12 @@ class ExperimentConfig(BaseModel):
     )
     synth_stage: StageSettings | None = Field(None, description="then tune a LoRA on the synthetic data and evaluate")
     iteration2: SecondIteration | None = Field(None, description="a second self-specialization iteration")
+    variant_shots: list[int] | None = Field(
+        None,
+        description="the shot counts at which Table 2's variants (every retrieval after the first, iteration 2) "
+        "are evaluated, a subset of eval.shots; null = all of eval.shots. Kang et al. report Table 2 at k = 0; "
+        "the first variant and the base model are always evaluated at every k (Tables 1 and 4)",
+    )
     output_dir: str = "runs/experiment"
     cache_dir: str | None = Field(
         None,
@@ -97,6 +103,13 @@ class ExperimentConfig(BaseModel):
                              f"{self.retrievals}")  # fmt: skip
         if len(set(self.retrievals)) != len(self.retrievals):
             raise ValueError(f"synth.retrieval repeats a value: {self.retrievals}")
+        if self.variant_shots is not None:
+            if len(self.retrievals) < 2 and self.iteration2 is None:
+                raise ValueError("variant_shots needs Table 2's variants (several synth.retrieval values or "
+                                 "iteration2)")  # fmt: skip
+            if not self.variant_shots or not set(self.variant_shots) <= set(self.eval.shots):
+                raise ValueError(f"variant_shots: {self.variant_shots} must be a non-empty subset of eval.shots "
+                                 f"{self.eval.shots} (the base model is compared at those k)")  # fmt: skip
         return self
 
 

@@ -192,7 +192,8 @@ def table(data: dict[str, Any]) -> dict[str, Any]:
 
 def over_shots(tab: dict[str, Any]) -> list[dict[str, Any]]:
     """Kang et al. Table 4: each row of `table` (a task or a pooled group) and column, the primary metric's worst,
-    average and best over the evaluated shot counts. Empty when one k was evaluated."""
+    average and best over the evaluated shot counts (a column evaluated at fewer of them, such as a Table 2
+    variant at k = 0 only, has no cell). Empty when one k was evaluated."""
     by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in tab["rows"]:
         by_name[r["name"]].append(r)
@@ -204,7 +205,7 @@ def over_shots(tab: dict[str, Any]) -> list[dict[str, Any]]:
         for i in range(len(tab["columns"])):
             means = [r["cells"][i]["mean"] for r in rows if r["cells"][i] is not None]
             cells.append({"worst": min(means), "average": statistics.mean(means), "best": max(means)}
-                         if means else None)  # fmt: skip
+                         if means and len(means) == len(rows) else None)  # fmt: skip
         out.append({"task": name, "metric": rows[0]["metric"], "ks": [r["k"] for r in rows], "cells": cells})
     return out
 

@@ -128,12 +128,13 @@ def is_adapter(weights: str | Path | None) -> bool:
     return weights is not None and (Path(weights) / "adapter_config.json").is_file()
 
 
-def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None):
-    """The evaluation of one set of weights (None = the base model), and its cache directory."""
+def eval_config(cfg: ExperimentConfig, model_index: int, weights: Path | None, shots: list[int] | None = None):
+    """The evaluation of one set of weights (None = the base model), at `shots` (default: eval.shots), and its
+    cache directory."""
     from specialize.eval.harness import EvalConfig
 
     model = cfg.models[model_index]
-    e = cfg.eval
+    e = cfg.eval if shots is None else cfg.eval.model_copy(update={"shots": shots})
     key = {"eval": e.model_dump(mode="json"), "template": cfg.template, "data_root": cfg.data_root,
            "model": models.model_identity(model.spec),
            "weights": weights_sha256(weights) if weights else None}  # fmt: skip
@@ -225,9 +226,11 @@ def _synth(cfg: ExperimentConfig, out: Path, name: str | None, **fields: Any) ->
     return run_synth(sc)
 
 
-def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path, run_id: str) -> Path:
-    """Tune a LoRA specialist on synthetic data (Kang et al.'s 'self-specialized' model) and evaluate it; returns
-    the adapter."""
+def _self_specialize(
+    cfg: ExperimentConfig, store: Store, data: Path, run_id: str, shots: list[int] | None = None
+) -> Path:
+    """Tune a LoRA specialist on synthetic data (Kang et al.'s 'self-specialized' model) and evaluate it (at
+    `shots`, default eval.shots); returns the adapter."""
     from specialize.data import read_records
 
     n = len(read_records(data).records)
@@ -236,7 +239,7 @@ def _self_specialize(cfg: ExperimentConfig, store: Store, data: Path, run_id: st
         lora=cfg.lora, template=cfg.template, seed=cfg.seeds[0], save_every=cfg.save_every,
     )  # fmt: skip
     weights, train_s = _train(tc)
-    ec, eval_dir = eval_config(cfg, 0, weights)
+    ec, eval_dir = eval_config(cfg, 0, weights, shots)
     _evaluate_into(store, run_id, ec, eval_dir, {
         "model": cfg.models[0].spec, "generalist": SELF_SPEC, "amount": n, "seed": cfg.seeds[0],
         "weights": str(weights), "config": tc.model_dump(mode="json"), "train_s": train_s})  # fmt: skip
@@ -254,7 +257,9 @@ def self_specialization(cfg: ExperimentConfig, store: Store, out: Path) -> None:
         if r == cfg.retrievals[0]:
             store.set_meta("synth", str(data.parent))
         if cfg.synth_stage is not None:
-            adapters[r] = _self_specialize(cfg, store, data, f"{SELF_SPEC}-it1" + ("" if single else f"-{r}"))
+            # the first variant is the study's specialist (Tables 1 and 4, every k); the others are Table 2's
+            shots = None if r == cfg.retrievals[0] else cfg.variant_shots
+            adapters[r] = _self_specialize(cfg, store, data, f"{SELF_SPEC}-it1" + ("" if single else f"-{r}"), shots)
     it2 = cfg.iteration2
     if it2 is None:
         return
@@ -263,7 +268,7 @@ def self_specialization(cfg: ExperimentConfig, store: Store, out: Path) -> None:
         reuse = {"instructions_from": str(out / "synth" / f"it1-{it2.after}")} if mode == "same" else {}
         data = _synth(cfg, out, f"it2-{mode}", retrieval=it2.after, adapter=str(adapters[it2.after]),
                       contrastive=True, alpha=it2.alpha, iteration=2, **reuse)  # fmt: skip
-        _self_specialize(cfg, store, data, f"{SELF_SPEC}-it2-{mode}")
+        _self_specialize(cfg, store, data, f"{SELF_SPEC}-it2-{mode}", cfg.variant_shots)
 
 
 @contextlib.contextmanager
