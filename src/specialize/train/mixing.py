@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,8 +84,9 @@ def _tasks(spec: SourceSpec) -> list[SuperNITask]:
     if (test := official_test_tasks(root)) and (leaked := sorted(set(by_name) & test)):
         # the test split is what held-out evaluation measures: a mix must never contain any of it
         raise MixError(f"source {spec.label!r}: {leaked[:5]} are official SuperNI test tasks; never train on them")
-    # each file is parsed once: the filters below and the records read the same parsed task
-    tasks = [read_superni_task(f, skip_invalid=spec.skip_invalid) for f in by_name.values()]
+    # each file is parsed once, lazily: the filters and the records read the same parsed task, and a task a
+    # filter drops is not held while the rest of the directory is parsed
+    tasks: Iterable[SuperNITask] = (read_superni_task(f, skip_invalid=spec.skip_invalid) for f in by_name.values())
     if spec.categories:
         wanted = set(spec.categories)
         tasks = [t for t in tasks if wanted & set(t.categories)]
@@ -95,7 +96,7 @@ def _tasks(spec: SourceSpec) -> list[SuperNITask]:
         tasks = [t for t in tasks if closed_label_set(t, spec.classification)]
         if not tasks:
             raise MixError(f"source {spec.label!r}: no task in {root} has at most {spec.classification} labels")
-    return tasks
+    return list(tasks)
 
 
 def load_source(spec: SourceSpec) -> LoadResult:
