@@ -39,6 +39,18 @@ def _data(tmp_path: Path, base: dict, tuned: dict) -> dict:
     return {"runs": runs, "scores": scores, "meta": {}, **read_predictions(runs)}
 
 
+def _assert_png(path: Path | None, min_width: int) -> None:
+    """A figure was written, decodes, and holds the first two matplotlib colours (both series were drawn)."""
+    from PIL import Image
+
+    assert path is not None and path.is_file() and not list(path.parent.glob(f".{path.name}*"))  # no temp left
+    img = Image.open(path).convert("RGB")
+    assert img.width >= min_width
+    colours = [c for _, c in img.getcolors(maxcolors=1 << 20)]
+    near = lambda c, t: all(abs(a - b) < 30 for a, b in zip(c, t, strict=True))  # noqa: E731
+    assert any(near(c, (31, 119, 180)) for c in colours) and any(near(c, (255, 127, 14)) for c in colours)
+
+
 @pytest.mark.parametrize("better", [True, False])
 def test_self_specialization_finding_is_a_paired_difference_per_shot_count(tmp_path: Path, better: bool):
     rng = random.Random(0)
@@ -148,6 +160,10 @@ def test_paraphrase_robustness_table_and_finding(tmp_path: Path, robust: bool):
     [found] = [f for f in findings(data) if f["finding"] == "paraphrase-robustness"]
     assert found["gain"]["mean"] == pytest.approx(14 if robust else 0)
     assert found["holds"] is robust
+    from specialize.experiment.report import plot_robustness
+
+    assert plot_robustness([], tmp_path / "none.png") is None
+    _assert_png(plot_robustness(robustness(data), tmp_path / "robustness.png"), min_width=400)
 
     # a model that ranks one option first for everything is trivially unmoved by rewording: no verdict
     for name in ("none", "gen"):
@@ -256,6 +272,17 @@ def test_over_shots_is_worst_average_best_of_each_row_over_k(tmp_path: Path):
     partial = {r["task"]: r for r in over_shots(k0_only)}
     assert partial["a"]["cells"][tuned_col] is None and partial["a"]["cells"][base_col] == rows["a"]["cells"][base_col]
 
+    # drawn (Kang et al. Table 1 as curves): each column's points at the k it was evaluated, ascending
+    from specialize.experiment.findings import shot_curves
+    from specialize.experiment.report import plot_shots
+
+    curves = shot_curves(k0_only)
+    assert set(curves) == {"a", "b", "all 2 tasks"}
+    assert [p[:2] for p in curves["a"]["base"]] == [(0, 0.0), (1, 50.0), (5, 100.0)]
+    assert [p[:2] for p in curves["b"]["self-specialized"]] == [(0, 10.0)]  # k = 0 only: one point
+    assert shot_curves(one_k) == {} and plot_shots(one_k, tmp_path / "none.png") is None
+    _assert_png(plot_shots(k0_only, tmp_path / "shots.png"), min_width=3 * 400)  # three panels side by side
+
 
 def test_a_declared_primary_metric_reaches_the_report(tmp_path: Path):
     from specialize.eval.results import Estimate, ScoreEntry
@@ -330,3 +357,63 @@ def test_self_specialization_is_also_tested_within_each_report_group(tmp_path: P
     assert found["only a"]["gain"]["mean"] == pytest.approx(-right * 100 / 60)
     assert "worse than the base model" in found["only a"]["text"] and found["only a"]["text"].startswith("[only a]")
     assert found["only b"]["gain"]["mean"] == 0 and found[None]["gain"]["mean"] == pytest.approx(-right * 100 / 120)
+
+
+def test_rouge_l_is_reported_beside_a_primary_f1_for_the_tasks_that_record_it(tmp_path: Path):
+    """Kang et al. score by F1 and report ROUGE-L too: a second table on ROUGE-L for the generation tasks only
+    (an option-ranking task without it gets no row), its numbers the examples' ROUGE-L, not their F1."""
+    from specialize.experiment.findings import secondary_table
+    from specialize.experiment.report import markdown
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    rng = random.Random(1)
+    cost = {"seed": 0, "train_s": 1.0, "eval_s": 1.0}
+    runs = {BASE_RUN: {"generalist": "none", "amount": 0, "weights": None, **cost},
+            f"{SELF_SPEC}-it1": {"generalist": SELF_SPEC, "amount": 10, "weights": str(adapter), **cost}}  # fmt: skip
+    metrics = {"gen_a": ("token_f1", "rouge_l"), "gen_b": ("token_f1", "rouge_l"), "opts": ("accuracy",)}
+    scores, rouge = [], {}
+    for run_id, r in runs.items():
+        d = tmp_path / run_id
+        d.mkdir()
+        lines = []
+        for task, ms in metrics.items():
+            for k in (0, 5):
+                per = [{m: rng.random() * 100 for m in ms} for _ in range(30)]
+                model = "base" if r["weights"] is None else "run"
+                lines += [json.dumps({"model": model, "task": task, "k": k, "variant": "original", "id": str(i),
+                                      "scores": s}) for i, s in enumerate(per)]  # fmt: skip
+                for m in ms:
+                    mean = sum(s[m] for s in per) / 30
+                    scores.append({"run_id": run_id, "task": task, "k": k, "variant": "original", "metric": m,
+                                   "mean": mean, "ci_low": mean - 5, "ci_high": mean + 5})  # fmt: skip
+                    if m == "rouge_l":
+                        rouge[(run_id, task, k)] = mean
+        (d / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+        r["eval_dir"] = str(d)
+    declared = {"gen_a": "token_f1", "gen_b": "token_f1", "opts": "accuracy"}
+    groups = {"generation": ["gen_a", "gen_b"], "options": ["opts"]}
+    data = {"runs": runs, "scores": scores, **read_predictions(runs),
+            "meta": {"primary_metrics": declared, "config": {"report_groups": groups}}}  # fmt: skip
+
+    second = secondary_table(data, "rouge_l")
+    assert second is not None and second["columns"] == table(data)["columns"]
+    assert [r["task"] for r in second["rows"]] == [
+        f"{t} (k={k})" for k in (0, 5) for t in ("gen_a", "gen_b", "all 2 tasks", "generation (2 tasks)")
+    ]
+    by = {(r["name"], r["k"]): r for r in second["rows"]}
+    for (run_id, task, k), mean in rouge.items():
+        col = 0 if run_id == BASE_RUN else 1
+        assert by[(task, k)]["metric"] == "rouge_l" and by[(task, k)]["cells"][col]["mean"] == pytest.approx(mean)
+    pooled = by[("all 2 tasks", 5)]["cells"][1]
+    assert pooled["mean"] == pytest.approx((rouge[(f"{SELF_SPEC}-it1", "gen_a", 5)]
+                                            + rouge[(f"{SELF_SPEC}-it1", "gen_b", 5)]) / 2)  # fmt: skip
+    assert pooled["low"] < pooled["mean"] < pooled["high"]
+    primary = {(r["name"], r["k"]): r["metric"] for r in table(data)["rows"]}
+    assert primary[("gen_a", 0)] == "token_f1" and primary[("opts", 0)] == "accuracy"  # the main table is unchanged
+
+    md = markdown(data, table(data), {}, [], [], {}, second)
+    assert "## ROUGE-L beside the primary metric" in md and "| gen_b (k=5) (rouge_l) |" in md
+    # ROUGE-L as the primary metric (nothing declared: the shared rule prefers it) needs no second table
+    assert secondary_table({**data, "meta": {}}, "rouge_l") is None

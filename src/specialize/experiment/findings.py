@@ -56,13 +56,15 @@ def _primary(data: dict[str, Any]) -> dict[str, str]:
     return primary_metrics(data["scores"], data.get("meta", {}).get(PRIMARY_META))
 
 
-def headline(data: dict[str, Any], k: int | None = None) -> dict[tuple[str, str], dict[str, float]]:
-    """(run_id, task) -> {mean, low, high} of the task's primary metric at k shots (default: the fewest),
-    original instruction."""
-    primary = _primary(data)
+def headline(
+    data: dict[str, Any], k: int | None = None, metrics: dict[str, str] | None = None
+) -> dict[tuple[str, str], dict[str, float]]:
+    """(run_id, task) -> {mean, low, high} of the task's metric in `metrics` (default: its primary; a task not in
+    `metrics` is left out) at k shots (default: the fewest), original instruction."""
+    metrics = _primary(data) if metrics is None else metrics
     k = min((s["k"] for s in data["scores"]), default=0) if k is None else k
     return {(s["run_id"], s["task"]): {"mean": s["mean"], "low": s["ci_low"], "high": s["ci_high"]}
-            for s in data["scores"] if s["metric"] == primary[s["task"]] and s["k"] == k
+            for s in data["scores"] if s["metric"] == metrics.get(s["task"]) and s["k"] == k
             and s["variant"] == "original"}  # fmt: skip
 
 
@@ -126,68 +128,90 @@ def task_groups(data: dict[str, Any]) -> dict[str, set[str]]:
 
 
 def _over_seeds(
-    data: dict[str, Any], run_ids: list[str], k: int, tasks: set[str] | None, single: dict[str, float] | None
+    data: dict[str, Any],
+    run_ids: list[str],
+    k: int,
+    tasks: set[str] | None,
+    single: dict[str, float] | None,
+    metrics: dict[str, str] | None = None,
 ) -> dict[str, float] | None:
-    """One table cell or curve point for runs that differ only by seed: the seed-averaged primary metric with a
-    95% bootstrap CI over examples (each example's score averaged over the seeds first). One run: its own
-    score and CI (`single`)."""
+    """One table cell or curve point for runs that differ only by seed: the seed-averaged metric (`metrics`,
+    default the primary) with a 95% bootstrap CI over examples (each example's score averaged over the seeds
+    first). One run: its own score and CI (`single`)."""
     if not run_ids:
         return None
     if len(run_ids) == 1:
         return dict(single) if single is not None else None
-    primary = _primary(data)
-    per_run = [_example_scores(data, i, primary, k, tasks=tasks) for i in run_ids]
+    metrics = _primary(data) if metrics is None else metrics
+    per_run = [_example_scores(data, i, metrics, k, tasks=tasks) for i in run_ids]
     common = [key for key in per_run[0] if all(key in p for p in per_run[1:])]  # in the predictions' order
     est = bootstrap_ci([statistics.mean(p[key] for p in per_run) for key in common], resamples=1000)
     return {"mean": est.mean, "low": est.low, "high": est.high, "seeds": len(run_ids)}
 
 
-def _pooled(data: dict[str, Any], k: int, tasks: set[str] | None = None) -> dict[str, dict[str, float]]:
-    """run_id -> mean and 95% bootstrap CI of the primary metric over every example of every task (or of
-    `tasks`) at k shots (with equal examples per task, the macro average)."""
-    primary = _primary(data)
+def _pooled(
+    data: dict[str, Any], k: int, tasks: set[str] | None = None, metrics: dict[str, str] | None = None
+) -> dict[str, dict[str, float]]:
+    """run_id -> mean and 95% bootstrap CI of each task's metric in `metrics` (default: its primary) over every
+    example of every such task (or of those in `tasks`) at k shots (with equal examples per task, the macro
+    average)."""
+    metrics = _primary(data) if metrics is None else metrics
     out = {}
     for run_id in data["runs"]:
-        per_example = _example_scores(data, run_id, primary, k, tasks=tasks)
+        per_example = _example_scores(data, run_id, metrics, k, tasks=tasks)
         if per_example:
             est = bootstrap_ci(list(per_example.values()), resamples=1000)
             out[run_id] = {"mean": est.mean, "low": est.low, "high": est.high}
     return out
 
 
-def table(data: dict[str, Any]) -> dict[str, Any]:
-    """Rows: task (x k when several shot counts were evaluated); columns: see `_columns`."""
+def table(data: dict[str, Any], metric: str | None = None) -> dict[str, Any]:
+    """Rows: task (x k when several shot counts were evaluated); columns: see `_columns`. Each task is scored on
+    its primary metric, or on `metric` (only the tasks that report it: e.g. ROUGE-L beside the primary F1)."""
     ks = sorted({s["k"] for s in data["scores"]})
     cols = _columns(data["runs"])
     answers = data.get("answers", {})
-    metrics = _primary(data)
+    if metric is None:
+        metrics, pooled_name = _primary(data), "primary metric, pooled"
+    else:
+        metrics, pooled_name = {s["task"]: metric for s in data["scores"] if s["metric"] == metric}, f"{metric}, pooled"
     rows = []
     for k in ks:
-        head = headline(data, k)
+        head = headline(data, k, metrics)
         tasks = sorted({t for _, t in head})
         scope: dict[str, set[str] | None] = {t: {t} for t in tasks}  # the tasks each row pools
         if len(tasks) > 1:
             everything = ALL_TASKS.format(n=len(tasks))
-            head |= {(i, everything): v for i, v in _pooled(data, k).items()}
+            head |= {(i, everything): v for i, v in _pooled(data, k, metrics=metrics).items()}
             tasks.append(everything)
             scope[everything] = None
         for g, members in task_groups(data).items():
+            if not (members := members & metrics.keys()):
+                continue  # a group none of whose tasks reports `metric`
             label = f"{g} ({len(members)} task{'s' if len(members) != 1 else ''})"
-            head |= {(i, label): v for i, v in _pooled(data, k, members).items()}
+            head |= {(i, label): v for i, v in _pooled(data, k, members, metrics).items()}
             tasks.append(label)
             scope[label] = members
         for t in tasks:
             cells = []
             for _, ids in cols:
                 have = [i for i in ids if (i, t) in head]
-                cell = _over_seeds(data, have, k, scope[t], head.get((have[0], t)) if have else None)
+                cell = _over_seeds(data, have, k, scope[t], head.get((have[0], t)) if have else None, metrics)
                 if cell is not None:
                     cell["one_answer"] = all(len(answers.get(i, {}).get(t, ())) == 1 for i in ids)
                 cells.append(cell)
             label = t if len(ks) == 1 else f"{t} (k={k})"
-            rows.append({"task": label, "name": t, "k": k, "metric": metrics.get(t, "primary metric, pooled"),
-                         "cells": cells})  # fmt: skip
+            rows.append({"task": label, "name": t, "k": k, "metric": metrics.get(t, pooled_name), "cells": cells})
     return {"columns": [c for c, _ in cols], "rows": rows}
+
+
+def secondary_table(data: dict[str, Any], metric: str = "rouge_l") -> dict[str, Any] | None:
+    """`table` on `metric` for the tasks that report it beside another primary metric (Kang et al. report ROUGE-L
+    beside F1); None when no task does."""
+    primary = _primary(data)
+    if not any(s["metric"] == metric and primary[s["task"]] != metric for s in data["scores"]):
+        return None
+    return table(data, metric)
 
 
 def over_shots(tab: dict[str, Any]) -> list[dict[str, Any]]:
@@ -208,6 +232,20 @@ def over_shots(tab: dict[str, Any]) -> list[dict[str, Any]]:
                          if means and len(means) == len(rows) else None)  # fmt: skip
         out.append({"task": name, "metric": rows[0]["metric"], "ks": [r["k"] for r in rows], "cells": cells})
     return out
+
+
+def shot_curves(tab: dict[str, Any]) -> dict[str, dict[str, list[tuple[int, float, float, float]]]]:
+    """Kang et al. Table 1 as curves: each row of `table` (a task or a pooled group) -> column -> [(k, mean, low,
+    high)] at every k the column was evaluated, ascending (a Table 2 variant evaluated at k = 0 only is one point).
+    Empty when one k was evaluated."""
+    if len({r["k"] for r in tab["rows"]}) < 2:
+        return {}
+    out: dict[str, dict[str, list[tuple[int, float, float, float]]]] = defaultdict(dict)
+    for r in sorted(tab["rows"], key=lambda r: r["k"]):
+        for column, c in zip(tab["columns"], r["cells"], strict=True):
+            if c is not None:
+                out[r["name"]].setdefault(column, []).append((r["k"], c["mean"], c["low"], c["high"]))
+    return dict(out)
 
 
 def curves(data: dict[str, Any]) -> dict[str, dict[str, list[tuple[int, float, float, float]]]]:
@@ -245,10 +283,11 @@ def _example_scores(
     variant: str = "original",
     tasks: set[str] | None = None,
 ) -> dict[tuple[str, str], float]:
-    """(task, example id) -> the task's primary metric for one run at k shots under one instruction variant
-    (only `tasks`, when given)."""
+    """(task, example id) -> the task's metric in `primary` (the primary metrics, or one metric for the tasks that
+    report it; other tasks are left out) for one run at k shots under one instruction variant (only `tasks`, when
+    given)."""
     return {(t, i): v[primary[t]] for (t, kk, var, i), v in data["examples"][run_id].items()
-            if kk == k and var == variant and (tasks is None or t in tasks)}  # fmt: skip
+            if kk == k and var == variant and t in primary and (tasks is None or t in tasks)}  # fmt: skip
 
 
 def _paraphrase_variants(data: dict[str, Any], run_id: str) -> list[str]:

@@ -7,6 +7,7 @@ import base64
 import html
 import json
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +21,40 @@ from specialize.experiment.findings import (
     load,
     over_shots,
     robustness,
+    secondary_table,
+    shot_curves,
     table,
 )
 from specialize.io import atomic_path, atomic_write_text
 from specialize.synth.stats import funnel
 
+# Kang et al. score every task by F1 and report ROUGE-L beside it: a report shows it as a second table for the
+# tasks that record it while comparing on another metric.
+SECONDARY_METRIC = "rouge_l"
+SECONDARY_TITLE = "ROUGE-L beside the primary metric"
 
-def plot_curves(cv: dict[str, dict[str, list]], path: Path) -> Path | None:
-    if not any(len(pts) > 0 for by_gen in cv.values() for pts in by_gen.values()):
-        return None
+
+def _pyplot():
+    """pyplot on the file-only Agg backend: a report is rendered on servers without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_curves(cv: dict[str, dict[str, list]], path: Path) -> Path | None:
+    if not any(len(pts) > 0 for by_gen in cv.values() for pts in by_gen.values()):
+        return None
+    plt = _pyplot()
     tasks = sorted(cv)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -48,10 +69,67 @@ def plot_curves(cv: dict[str, dict[str, list]], path: Path) -> Path | None:
     axes[0][0].set_ylabel("score (95% CI)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_shots(tab: dict[str, Any], path: Path) -> Path | None:
+    """Kang et al. Table 1 drawn: one panel per task (and pooled row), the primary metric at each k for the base
+    and every self-specialized column, 95% CIs as error bars; None when one k was evaluated."""
+    series = shot_curves(tab)
+    if not series:
+        return None
+    plt = _pyplot()
+    metric = {r["name"]: r["metric"] for r in tab["rows"]}
+    ks = sorted({r["k"] for r in tab["rows"]})
+    cols = min(3, len(series))
+    rows = -(-len(series) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.3 * rows), squeeze=False)
+    for ax, (name, by_col) in zip(axes.flat, series.items(), strict=False):
+        width = 0.5 / max(1, len(by_col))  # side by side within a k, so CIs do not hide each other
+        for j, (column, pts) in enumerate(by_col.items()):
+            xs = [ks.index(k) + (j - (len(by_col) - 1) / 2) * width for k, *_ in pts]
+            means = [m for _, m, _, _ in pts]
+            err = [[m - lo for _, m, lo, _ in pts], [hi - m for _, m, _, hi in pts]]
+            ax.errorbar(xs, means, yerr=err, marker="o", capsize=3, label=column, linestyle="-" if len(pts) > 1 else "")
+        ax.set_xticks(range(len(ks)), [f"k={k}" for k in ks])
+        # wrapped: a pooled group's name ("options (accuracy, extra view) (3 tasks)") outgrows a panel
+        ax.set_title("\n".join(textwrap.wrap(f"{name} ({metric[name]})", 44)), fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(series) :]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("score (95% CI)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_robustness(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Shi et al. Figure 4 drawn: per run, the primary metric under the original instruction and averaged over its
+    paraphrases (whisker: worst to best paraphrase), labelled with the paired change and its 95% CI."""
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(rows) + 1.5), 3.6))
+    xs = range(len(rows))
+    ax.bar([x - 0.18 for x in xs], [r["original"] for r in rows], width=0.36, label="original instruction")
+    para = [r["paraphrased"] for r in rows]
+    err = [[p - r["worst"] for p, r in zip(para, rows, strict=True)],
+           [r["best"] - p for p, r in zip(para, rows, strict=True)]]  # fmt: skip
+    ax.bar([x + 0.18 for x in xs], para, width=0.36, yerr=err, capsize=4,
+           label=f"paraphrased, mean of {rows[0]['paraphrases']} (worst to best)")  # fmt: skip
+    top = max(max(r["original"], r["best"]) for r in rows)
+    for x, r in zip(xs, rows, strict=True):
+        c = r["change"]
+        ax.annotate(f"{c['mean']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]", (x, top * 1.04 + 1), ha="center",
+                    fontsize=8)  # fmt: skip
+    ax.set_xticks(list(xs), [r["run"] for r in rows], fontsize=8)
+    ax.set_ylim(0, top * 1.2 + 5)
+    ax.set_ylabel(f"primary metric ({rows[0]['examples']} examples)")
+    ax.set_title("original vs paraphrased instructions; change, paired 95% CI", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _img(path: Path | None, alt: str) -> str:
@@ -68,6 +146,21 @@ def _cell(c: dict[str, float] | None) -> str:
     return f'<td>{c["mean"]:.1f}{mark}<span class="ci"> [{c["low"]:.1f}, {c["high"]:.1f}]</span></td>'
 
 
+def _html_table(tab: dict[str, Any], table_id: str) -> str:
+    """A `table` as HTML: one row per task (and k), the metric beside the task's name, one cell per column."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in tab["columns"])
+    body = "".join(f"<tr><td>{html.escape(r['task'])} <span class='ci'>{r['metric']}</span></td>"
+                   + "".join(_cell(c) for c in r["cells"]) + "</tr>" for r in tab["rows"])  # fmt: skip
+    return f'<table id="{table_id}"><tr><th>task</th>{head}</tr>{body}</table>'
+
+
+def _secondary_section(second: dict[str, Any] | None) -> str:
+    if second is None:
+        return ""
+    return (f"<h2>{SECONDARY_TITLE}</h2><p>The tasks that report it beside their primary metric, original "
+            f"instruction, 95% bootstrap CI in brackets.</p>{_html_table(second, 'secondary')}")  # fmt: skip
+
+
 def _in_grid_order(runs: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """Base first, then by generalist, amount and seed (numerically: n40 before n120)."""
     return sorted(runs.items(), key=lambda kv: (kv[1]["weights"] is not None, kv[1]["generalist"],
@@ -78,7 +171,7 @@ def _seconds(s: float | None) -> str:
     return "–" if s is None else f"{s:.0f}"
 
 
-def _robustness_section(rows: list[dict[str, Any]]) -> str:
+def _robustness_section(rows: list[dict[str, Any]], png: Path | None) -> str:
     if not rows:
         return ""
     body = "".join(
@@ -92,7 +185,7 @@ def _robustness_section(rows: list[dict[str, Any]]) -> str:
             f"paraphrases ({rows[0]['examples']} examples); {n} paraphrases; change = paraphrased - original, "
             "paired bootstrap 95% CI.</p><table id='robustness'><tr><th>run</th><th>original</th>"
             "<th>paraphrased (mean)</th><th>worst</th><th>best</th><th>change</th></tr>"
-            f"{body}</table>")  # fmt: skip
+            f"{body}</table>{_img(png, 'original vs paraphrased instructions')}")  # fmt: skip
 
 
 def _variant_cells(r: dict[str, Any]) -> list[str]:
@@ -117,7 +210,7 @@ def _over_shots_cell(c: dict[str, float] | None) -> str:
     return "–" if c is None else f"{c['worst']:.1f} / {c['average']:.1f} / {c['best']:.1f}"
 
 
-def _shots_section(tab: dict[str, Any]) -> str:
+def _shots_section(tab: dict[str, Any], png: Path | None) -> str:
     shots = over_shots(tab)
     if not shots:
         return ""
@@ -132,6 +225,7 @@ def _shots_section(tab: dict[str, Any]) -> str:
     return (
         f"<h2>Worst / average / best over k = {ks}</h2><p>Kang et al. Table 4: the primary metric at each "
         f"shot count, summarized.</p><table id='over-shots'><tr><th>task</th>{head}</tr>{body}</table>"
+        f"{_img(png, 'primary metric per shot count')}"
     )
 
 
@@ -173,23 +267,41 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines) + "\n"
 
 
+def _md_results(tab: dict[str, Any]) -> str:
+    return _md_table(["task", *tab["columns"]],
+                     [[f"{r['task']} ({r['metric']})", *map(_md_cell, r["cells"])] for r in tab["rows"]])  # fmt: skip
+
+
 def _md_cell(c: dict[str, Any] | None) -> str:
     if c is None:
         return "–"
     return f"{c['mean']:.1f}{ONE_ANSWER_MARK if c.get('one_answer') else ''} [{c['low']:.1f}, {c['high']:.1f}]"
 
 
-def markdown(data: dict[str, Any], tab: dict, cv: dict, found: list[dict], robust: list[dict]) -> str:
-    """The report's numbers as Markdown (report.md), for papers, READMEs and docs/results.md."""
+def _md_img(png: Path | None, alt: str) -> str:
+    """A figure beside report.md (they share the experiment directory), or nothing when it was not drawn."""
+    return f"\n![{alt}]({png.name})\n" if png is not None else ""
+
+
+def markdown(
+    data: dict[str, Any],
+    tab: dict,
+    cv: dict,
+    found: list[dict],
+    robust: list[dict],
+    figures: dict[str, Path | None],
+    second: dict | None = None,
+) -> str:
+    """The report's numbers as Markdown (report.md), for papers, READMEs and docs/results.md; `figures` are the
+    PNGs `render` drew (curves, shots, robustness); `second` the ROUGE-L table beside a primary F1."""
     cfg = data["meta"].get("config", {})
     parts = [
         f"# Experiment {cfg.get('name', '')}\n\n{cfg.get('description', '')}\n\n"
         f"Scale: {cfg.get('scale_note', '')}\n\n## Results (95% bootstrap CI; {ONE_ANSWER_NOTE})\n",
-        _md_table(
-            ["task", *tab["columns"]],
-            [[f"{r['task']} ({r['metric']})", *map(_md_cell, r["cells"])] for r in tab["rows"]],
-        ),
+        _md_results(tab),
     ]
+    if second is not None:
+        parts.append(f"\n## {SECONDARY_TITLE} (95% bootstrap CI)\n" + _md_results(second))
     for task, by_gen in cv.items():
         amounts = sorted({p[0] for pts in by_gen.values() for p in pts})
         rows = []
@@ -198,11 +310,14 @@ def markdown(data: dict[str, Any], tab: dict, cv: dict, found: list[dict], robus
             rows.append([g, *(_md_cell(at.get(a)) for a in amounts)])
         header = ["generalist", *(f"n={a}" for a in amounts)]
         parts.append(f"\n## Score vs specialist data: {task}\n" + _md_table(header, rows))
+    if cv:
+        parts.append(_md_img(figures.get("curves"), "score vs specialist data"))
     if shots := over_shots(tab):
         ks = "/".join(map(str, shots[0]["ks"]))
         rows = [[f"{r['task']} ({r['metric']})", *map(_over_shots_cell, r["cells"])] for r in shots]
         parts.append(f"\n## Worst / average / best over k = {ks} (Kang et al. Table 4)\n"
-                     + _md_table(["task", *tab["columns"]], rows))  # fmt: skip
+                     + _md_table(["task", *tab["columns"]], rows)
+                     + _md_img(figures.get("shots"), "primary metric per shot count"))  # fmt: skip
     if variants := iterations_table(data):
         parts.append(f"\n## Self-specialization variants at k={variants[0]['k']} (Kang et al. Table 2)\n"
                      + _md_table(["model", "primary (pooled)", "ROUGE-L (pooled)", "primary vs base (paired 95% CI)"],
@@ -217,6 +332,7 @@ def markdown(data: dict[str, Any], tab: dict, cv: dict, found: list[dict], robus
             f"\n## Robustness to paraphrased instructions ({robust[0]['paraphrases']} paraphrases, "
             f"{robust[0]['examples']} examples)\n"
             + _md_table(["run", "original", "paraphrased (mean)", "worst", "best", "change (paired 95% CI)"], rows)
+            + _md_img(figures.get("robustness"), "original vs paraphrased instructions")
         )
     rows = [[k, _seconds(r["train_s"]), _seconds(r["eval_s"])] for k, r in _in_grid_order(data["runs"])]
     parts.append("\n## Runs (compute seconds, as first measured)\n"
@@ -232,21 +348,27 @@ def _store(run_dir: Path) -> Path:
 
 
 def render(run_dir: str | Path) -> Path:
-    """Write `report.html`, `report.md`, `report.json` and `curves.png` into the experiment directory; returns the
-    HTML."""
+    """Write `report.html`, `report.md`, `report.json` and the figures that apply (`curves.png`: score vs amount;
+    `shots.png`: score per k; `robustness.png`: original vs paraphrased) into the experiment directory; returns
+    the HTML."""
     run_dir = Path(run_dir)
     data = load(_store(run_dir))
     tab, cv, found, robust = table(data), curves(data), findings(data), robustness(data)
-    png = plot_curves(cv, run_dir / "curves.png")
+    second = secondary_table(data, SECONDARY_METRIC)
+    figures = {
+        "curves": plot_curves(cv, run_dir / "curves.png"),
+        "shots": plot_shots(tab, run_dir / "shots.png"),
+        "robustness": plot_robustness(robust, run_dir / "robustness.png"),
+    }
+    png = figures["curves"]
     cfg = data["meta"].get("config", {})
     atomic_write_text(run_dir / "report.json", json.dumps({"table": tab, "curves": cv, "findings": found,
                                                            "robustness": robust, "over_shots": over_shots(tab),
-                                                           "variants": iterations_table(data)},
+                                                           "variants": iterations_table(data),
+                                                           "shot_curves": shot_curves(tab),
+                                                           "secondary": second},
                                                           indent=1))  # fmt: skip
-    atomic_write_text(run_dir / "report.md", markdown(data, tab, cv, found, robust))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in tab["columns"])
-    body = "".join(f"<tr><td>{html.escape(r['task'])} <span class='ci'>{r['metric']}</span></td>"
-                   + "".join(_cell(c) for c in r["cells"]) + "</tr>" for r in tab["rows"])  # fmt: skip
+    atomic_write_text(run_dir / "report.md", markdown(data, tab, cv, found, robust, figures, second))
     finding_items = "".join(
         f"<li class='{'holds' if f['holds'] else 'fails' if f['holds'] is False else ''}'>{html.escape(f['text'])}</li>"
         for f in found
@@ -259,12 +381,13 @@ def render(run_dir: str | Path) -> Path:
 <h1>Experiment {html.escape(cfg.get("name", run_dir.name))}</h1>
 <p>{html.escape(cfg.get("description", ""))}</p><p class="ci">{html.escape(cfg.get("scale_note", ""))}</p>
 <h2>Results</h2><p>Primary metric per task, original instruction, 95% bootstrap CI in brackets. {ONE_ANSWER_NOTE}</p>
-<table id="results"><tr><th>task</th>{head}</tr>{body}</table>
-{_shots_section(tab)}
+{_html_table(tab, "results")}
+{_secondary_section(second)}
+{_shots_section(tab, figures["shots"])}
 {_variants_section(data)}
 <h2>Findings at this scale</h2><ul id="findings">{finding_items or "<li>no comparison to test in this grid</li>"}</ul>
 <h2>Score vs specialist data</h2>{_img(png, "score vs specialist amount")}
-{_robustness_section(robust)}
+{_robustness_section(robust, figures["robustness"])}
 {_synth_section(data["meta"])}
 <h2>Runs</h2><p class="ci">Seconds of compute behind each run, as first measured (a cached stage or evaluation
 keeps its cost): training counts every stage of the run, so a shared stage appears in each run built on it.</p>
