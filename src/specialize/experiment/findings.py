@@ -178,7 +178,8 @@ def table(data: dict[str, Any], metric: str | None = None) -> dict[str, Any]:
     rows = []
     for k in ks:
         head = headline(data, k, metrics)
-        tasks = sorted({t for _, t in head})
+        evaluated = {t for _, t in head}
+        tasks = sorted(evaluated)
         scope: dict[str, set[str] | None] = {t: {t} for t in tasks}  # the tasks each row pools
         if len(tasks) > 1:
             everything = ALL_TASKS.format(n=len(tasks))
@@ -186,8 +187,8 @@ def table(data: dict[str, Any], metric: str | None = None) -> dict[str, Any]:
             tasks.append(everything)
             scope[everything] = None
         for g, members in task_groups(data).items():
-            if not (members := members & metrics.keys()):
-                continue  # a group none of whose tasks reports `metric`
+            if not (members := members & metrics.keys()) or (len(evaluated) > 1 and members == evaluated):
+                continue  # a group none of whose tasks reports `metric`, or the "all tasks" row again
             label = f"{g} ({len(members)} task{'s' if len(members) != 1 else ''})"
             head |= {(i, label): v for i, v in _pooled(data, k, members, metrics).items()}
             tasks.append(label)
