@@ -428,14 +428,16 @@ def robustness_findings(data: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         answers = data.get("answers", {}).get(with_g, {})
         constant = bool(answers) and all(len(a) == 1 for a in answers.values())
-        holds = None if constant else d.mean > 0
+        # as for every other finding, it holds only when the paired CI excludes 0
+        holds = None if constant else d.low > 0
         verdict = ("undetermined: with generalist data the model gives one answer to every example under every "
                    "instruction, so it is unchanged by rewording without reading it" if constant else
                    "more robust with generalist data, as the paper finds" if holds else
-                   "no more robust with generalist data; the paper's finding does not hold at this scale")  # fmt: skip
+                   "less robust with generalist data; the paper's finding does not hold at this scale" if d.high < 0
+                   else "no significant difference (the CI includes 0); the paper's finding does not hold at this "
+                   "scale")  # fmt: skip
         text = (f"Under paraphrased instructions, generalist data ({g}) changes the specialist's score (n={top}) by "
-                f"{_signed(d)} points ({len(keys)} examples): {verdict}"
-                + ("" if d.low > 0 or d.high < 0 else " (the CI includes 0)"))  # fmt: skip
+                f"{_signed(d)} points ({len(keys)} examples): {verdict}")  # fmt: skip
         out.append({"finding": "paraphrase-robustness", "generalist": g, "holds": holds, "text": text,
                     "gain": vars(d)})  # fmt: skip
     return out

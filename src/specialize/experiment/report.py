@@ -127,7 +127,7 @@ def plot_robustness(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylim(0, top * 1.2 + 5)
     ax.set_ylabel(f"primary metric ({rows[0]['examples']} examples)")
     ax.set_title("original vs paraphrased instructions; change, paired 95% CI", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # below: bars fill the axes
     fig.tight_layout()
     return _save(fig, path)
 
