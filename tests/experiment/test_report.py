@@ -95,6 +95,29 @@ def test_generalist_finding_needs_a_gain_that_shrinks_with_task_data(tmp_path, s
     assert found["holds"] is holds and verdict in found["text"]
 
 
+def test_two_generalist_sources_are_compared_head_to_head_on_shared_examples(tmp_path: Path):
+    """Shi et al.'s Figure 6: LIMA vs GPT-4-written data, a paired difference between the two sources per amount."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    truth = [0.0] * 50 + [100.0] * 50
+    better = [100.0] * 10 + truth[10:]  # 10 more right answers of 100: +10 points, every resample positive
+    runs = {}
+    for n in (8, 16):
+        for g, values in (("none", truth), ("human", better if n == 8 else truth), ("machine", truth)):
+            runs[f"{g}-n{n}"] = {"generalist": g, "amount": n, "seed": 0, "weights": str(adapter),
+                                 "eval_dir": _eval_dir(tmp_path / f"{g}{n}", "run", {("t", 0): values})}  # fmt: skip
+    scores = [{"run_id": r, "task": "t", "k": 0, "variant": "original", "metric": "accuracy"} for r in runs]
+    found = findings({"runs": runs, "scores": scores, "meta": {}, **read_predictions(runs)})
+    (contrast,) = [f for f in found if f["finding"] == "generalist-source"]
+    assert contrast["generalists"] == ["human", "machine"] and contrast["holds"] is None
+    small, large = contrast["difference"][8], contrast["difference"][16]
+    assert small["mean"] == pytest.approx(10) and small["low"] > 0
+    assert large["mean"] == 0 and "+10.0" in contrast["text"] and "at n=16 (CI includes 0)" in contrast["text"]
+    assert "at n=8 (CI" not in contrast["text"]
+    assert [f["generalist"] for f in found if f["finding"] == "generalist-gain"] == ["human", "machine"]
+
+
 def test_many_tasks_are_summarized_by_a_pooled_row_and_one_curve(tmp_path):
     from specialize.experiment.findings import curves, table
 
