@@ -141,6 +141,68 @@ def test_autocast_runs_matmuls_in_bf16():
         assert (x @ x).dtype == torch.float32
 
 
+BF16 = Precision(torch.bfloat16, None)
+needs_packing = pytest.mark.skipif(not models.packing_applies(BF16), reason="no native bf16 on this CPU")
+
+
+@needs_packing
+def test_packed_linears_read_their_packed_copy_only_while_it_is_the_weight(tiny_model):
+    import copy
+
+    from specialize.models import PackedLinear, pack_linears
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    plain = copy.deepcopy(model)
+    n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert pack_linears(model, BF16) == n_linear > 0
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    with torch.inference_mode():
+        got, want = model(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float()
+    assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())  # bf16 blocks may round differently
+
+    layer = next(m for m in model.modules() if isinstance(m, PackedLinear))
+    x = torch.randn(2, layer.in_features, dtype=torch.bfloat16)
+    # a packed copy of another matrix, keyed as this weight's: the inference forward must read it...
+    layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach() * 2, 1)
+    with torch.inference_mode():
+        assert torch.allclose(layer(x).float(), 2 * torch.nn.functional.linear(x, layer.weight).float(), rtol=0.02)
+    # ...but never with autograd (training reads the weight itself and gets gradients)
+    with torch.enable_grad():
+        y = layer(x.requires_grad_())
+        assert torch.equal(y, torch.nn.functional.linear(x, layer.weight))
+        y.sum().backward()
+    assert x.grad is not None
+    # an in-place update (an optimizer step) makes the copy stale: the forward reads the new weight
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight))
+    # a copy (deepcopy, pickle) holds no packed tensor (oneDNN's has no storage) and reads its own weight
+    clone = copy.deepcopy(layer)
+    with torch.inference_mode():
+        assert clone.packed is None and torch.equal(clone(x), torch.nn.functional.linear(x, clone.weight))
+    # and the next `pack_linears` (every new decoding loop) packs the weight as it is now, also after an edit
+    # through `.data`, which moves no version counter (PEFT merges that way)
+    for edit in (lambda w: None, lambda w: w.data.mul_(-0.5)):
+        edit(layer.weight)
+        pack_linears(model, BF16)
+        with torch.inference_mode():
+            want = torch.nn.functional.linear(x, layer.weight).float()
+            assert torch.allclose(layer(x).float(), want, rtol=0.02, atol=0.01 * want.abs().max().item())
+
+
+def test_only_bf16_weights_on_a_native_bf16_cpu_are_packed(tiny_model):
+    import copy
+
+    from specialize.models import pack_linears
+
+    model = copy.deepcopy(tiny_model)  # fp32: MKL's own path is faster, and fp32 outputs stay exact
+    assert pack_linears(model, Precision(torch.float32, None)) == 0
+    assert pack_linears(model, Precision(torch.float32, torch.bfloat16)) == 0
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert not models.packing_applies(BF16, "cuda")
+
+
 def test_threads():
     before = torch.get_num_threads()
     try:

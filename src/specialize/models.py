@@ -278,6 +278,95 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+# ---------------------------------------------------------------------------------------------- weight layout
+
+
+class PackedLinear(torch.nn.Linear):
+    """An `nn.Linear` whose inference forward reads a copy of its bf16 weight reordered once into oneDNN's blocked
+    layout. A batch-1 decode step is ~200 matrix-vector products; `F.linear` on a plain bf16 weight streams it at
+    ~11 GB/s on an AMX CPU and the packed copy at ~17 GB/s, with ~40% less fixed cost per call (profile in
+    docs/benchmarks.md). The copy is used only without autograd, on CPU bf16 inputs, and only while the weight is
+    the one packed (same storage, same version: an optimizer step or a reassigned weight falls back to `F.linear`
+    until the next `pack_linears`). State dict, PEFT wrapping and training see a plain `nn.Linear`."""
+
+    packed: torch.Tensor | None = None
+    packed_key: tuple[int, int] | None = None
+    packed_sample: float | None = None  # a strided sample of the weight, summed (see `pack_linears`)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            self.packed is not None
+            and not torch.is_grad_enabled()
+            and x.dtype == w.dtype
+            and x.device.type == "cpu"
+            and x.numel() > 0
+            and (w.data_ptr(), w._version) == self.packed_key
+        ):
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return super().forward(x)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # oneDNN's blocked tensor has no storage to copy or pickle: a copy of the module starts unpacked
+        return {**super().__getstate__(), "packed": None, "packed_key": None, "packed_sample": None}
+
+
+def packing_applies(precision: Precision, device: str | torch.device = "cpu") -> bool:
+    """Packed weights pay off for bf16 weights without autocast on a CPU with native bf16 (AMX, AVX512-BF16);
+    fp32 matrix-vector products are faster through MKL's own path (measured: 0.66x packed)."""
+    return (
+        torch.device(device).type == "cpu"
+        and precision.param_dtype == torch.bfloat16
+        and precision.autocast_dtype is None
+        and cpu_supports_bf16()
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def available_memory() -> int:
+    """Bytes of memory available for new allocations now (Linux's MemAvailable; 0 where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _sample(weight: torch.Tensor) -> float:
+    return float(weight.detach().reshape(-1)[::997].float().sum())
+
+
+def pack_linears(model: Any, precision: Precision, device: str | torch.device = "cpu") -> int:
+    """Give every bf16 `nn.Linear` of `model` a packed copy of its weight (see `PackedLinear`); the number packed.
+    Each call (every new decoding loop) repacks a weight that changed since it was packed: a new storage or
+    version, or a strided sample of it that sums differently, which catches edits through `.data` (they move no
+    version counter; a merged LoRA delta changes every element), at ~1 ms for the embedded model where repacking
+    all would cost ~0.3 s. Skipped where it does not pay off or where a second copy of the weights would not fit
+    in half the memory available now."""
+    if not packing_applies(precision, device):
+        return 0
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16]
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if size > available_memory() / 2:
+        return 0
+    with torch.no_grad():
+        for m in linears:
+            if type(m) is torch.nn.Linear:
+                m.__class__ = PackedLinear
+            if not isinstance(m, PackedLinear):
+                continue
+            key, sample = (m.weight.data_ptr(), m.weight._version), _sample(m.weight)
+            if m.packed is None or (key, sample) != (m.packed_key, m.packed_sample):
+                # the batch-size hint only picks the block layout: measured no slower than `F.linear` at 64-2,048
+                # rows (prefill) and 1.5x faster at 1-16 (decode)
+                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1)
+                m.packed_key, m.packed_sample = key, sample
+    return sum(isinstance(m, PackedLinear) for m in linears)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 

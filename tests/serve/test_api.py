@@ -180,15 +180,19 @@ def test_a_short_request_finishes_while_a_long_one_decodes(server):
 
     c = client(server)
     done: dict[str, float] = {}
+    decoding = threading.Event()
 
     def long() -> None:
-        c.completions.create(model="alpha", prompt="Once upon a time", max_tokens=32, temperature=0.9, seed=1,
-                             stop=None)  # fmt: skip
+        # streamed, so the short request is sent once the long one is decoding (not before it was admitted: a
+        # fixed sleep raced a tiny model's whole 32 tokens on a busy machine); 32 tokens whatever it samples
+        for _ in c.completions.create(model="alpha", prompt="Once upon a time", max_tokens=32, temperature=0.9,
+                                      seed=1, stop=None, stream=True, extra_body={"ignore_eos": True}):  # fmt: skip
+            decoding.set()
         done["long"] = time.monotonic()
 
     t = threading.Thread(target=long)
     t.start()
-    time.sleep(0.05)
+    assert decoding.wait(60)
     c.completions.create(model="beta", prompt="Hi", max_tokens=1)
     done["short"] = time.monotonic()
     t.join(60)
