@@ -278,6 +278,33 @@ def set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+@functools.cache
+def _openmp_runtime() -> Any:
+    """torch's own OpenMP runtime (the library its kernels and oneDNN run on), or None where none is found."""
+    import ctypes
+
+    for name in ("libgomp.so.1", "libomp.so", "libiomp5.so", "libomp.dylib", "libiomp5.dylib"):
+        path = Path(torch.__file__).parent / "lib" / name
+        try:
+            lib = ctypes.CDLL(str(path)) if path.exists() else None
+        except OSError:
+            continue
+        if lib is not None and hasattr(lib, "omp_pause_resource_all"):
+            return lib
+    return None
+
+
+def release_thread_pool() -> bool:
+    """Free the calling thread's OpenMP workers (OpenMP 5's `omp_pause_resource_all`); True when freed. Every
+    thread that runs torch ops keeps its own team of workers. A second team on the same cores (the server's
+    decoding thread beside the main thread that loaded the model) makes libgomp stop spinning its idle workers,
+    and each parallel op then waits ~70 us to wake one: the served decode ran at half the rate of the same loop
+    on the main thread (55 vs 110 tok/s, docs/benchmarks.md). A thread that hands its model to another calls
+    this; torch builds a new team if that thread computes again."""
+    lib = _openmp_runtime()
+    return lib is not None and lib.omp_pause_resource_all(2) == 0  # 2: omp_pause_hard
+
+
 # ---------------------------------------------------------------------------------------------- weight layout
 
 

@@ -36,6 +36,7 @@ from specialize.models import (
     ModelLoadError,
     Precision,
     check_adapter,
+    release_thread_pool,
     resolve_template,
 )
 
@@ -142,6 +143,8 @@ class Engine:
     # ------------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> Engine:
+        # from here on the engine's thread does the model's work: the caller's idle OpenMP team would halve it
+        release_thread_pool()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="specialize-engine", daemon=True)
         self._thread.start()
@@ -182,6 +185,7 @@ class Engine:
             with self._model_lock:
                 yield
         finally:
+            release_thread_pool()  # an admin change computed here (loading weights): its team would slow the loop
             with self._wake:
                 self._admin_waiting -= 1
                 self._wake.notify_all()
