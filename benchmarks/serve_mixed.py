@@ -10,6 +10,8 @@ Policies (one server each, in turn, in this process):
 - per_adapter: static waves of a single adapter
 - switch:      one request at a time, the adapter switched for each (what a server without batching does)
 - continuous_peft: continuous, with PEFT's per-adapter loop for mixed batches instead of the stacked LoRA
+- direct:      no server: the same requests on a token loop driven in this thread (the next one submitted as one
+               finishes, --concurrency in flight): what the server costs on top of the loop
 
 `--steps` times single decode steps instead (no HTTP): --batch rows of base only vs base + --adapters adapters
 round-robin, on the stacked LoRA and on PEFT's path, in the same run.
@@ -45,9 +47,17 @@ POLICIES = {  # name: (loop policy, batch override, how mixed batches apply LoRA
     "static": ("static", None, "stacked"),
     "per_adapter": ("per_adapter", None, "stacked"),
     "switch": ("per_adapter", 1, "stacked"),
+    "direct": ("direct", None, "stacked"),  # the token loop without HTTP, in this thread
     "vllm": ("vllm", None, ""),  # this server on the vLLM engine (run from .venv-vllm)
     "vllm_openai": ("vllm_openai", None, ""),  # vLLM's own OpenAI server, same weights and adapters
 }
+
+
+def load_figures(latencies: list[float], tokens: int, wall: float, errors: int) -> dict:
+    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    return {"requests": len(latencies), "errors": errors, "wall_s": wall, "tokens": tokens,
+            "tok_s": tokens / wall, "req_s": len(latencies) / wall, "p50_s": statistics.median(latencies),
+            "p95_s": q[18]}  # fmt: skip
 
 
 async def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, deadline: float,
@@ -83,10 +93,43 @@ async def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_toke
     await asyncio.gather(*(one(m, p) for m, p in jobs))
     wall = time.perf_counter() - start
     await client.close()
-    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
-    return {"requests": len(latencies), "errors": errors, "wall_s": wall, "tokens": tokens,
-            "tok_s": tokens / wall, "req_s": len(latencies) / wall, "p50_s": statistics.median(latencies),
-            "p95_s": q[18]}  # fmt: skip
+    return load_figures(latencies, tokens, wall, errors)
+
+
+def direct(model, tok, adapters: dict[str, str], jobs: list[tuple[str, str]], concurrency: int, max_tokens: int,
+           batch: int) -> tuple[dict, object]:  # fmt: skip
+    """The load test's requests on a token loop in this thread, as the server renders them (the Alpaca template,
+    greedy, up to max_tokens), `concurrency` in flight; returns (the load test's figures, the bare base model)."""
+    from specialize.models import attach_adapters
+    from specialize.prompts import encode_prompt
+
+    model = attach_adapters(model, adapters)
+    loop = TokenLoop(model, tok, select_precision("auto", "cpu"), max_rows=batch, prefill_tokens=256)
+    t = AlpacaTemplate()
+    pending, live, latencies, tokens = list(jobs), {}, [], 0
+
+    def submit() -> None:
+        name, prompt = pending.pop(0)
+        r = Request([encode_prompt(t.render(prompt), t, tok)], SamplingParams(max_new_tokens=max_tokens),
+                    adapter=None if name == "base" else name)  # fmt: skip
+        loop.submit(r)
+        live[id(r)] = (r, time.perf_counter())
+
+    start = time.perf_counter()
+    for _ in range(min(concurrency, len(pending))):
+        submit()
+    while loop.busy:
+        loop.step()
+        for key, (r, began) in list(live.items()):
+            if r.result is not None:
+                del live[key]
+                latencies.append(time.perf_counter() - began)
+                tokens += len(r.result.token_ids)
+                if pending:
+                    submit()
+    wall = time.perf_counter() - start
+    loop.adapters_changed()  # drop its hooks
+    return load_figures(latencies, tokens, wall, 0), model.unload()
 
 
 async def latency_under_load(
@@ -190,6 +233,11 @@ def steps_report(adapters: dict[str, str], batch: int, threads: int) -> None:
           f"{peft / stacked:.2f}x faster")  # fmt: skip
 
 
+def print_load(policy: str, r: dict) -> None:
+    print(f"{policy:12s} {r['requests']:4d} req  {r['errors']} errors  {r['wall_s']:7.1f} s  {r['tok_s']:6.1f} tok/s  "
+          f"{r['req_s']:5.2f} req/s  p50 {r['p50_s']:.2f} s  p95 {r['p95_s']:.2f} s")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
@@ -219,6 +267,13 @@ def main() -> None:
         results = {}
         for policy in args.policies.split(","):
             mode, batch, lora = POLICIES[policy]
+            if mode == "direct":
+                if args.latency:
+                    raise SystemExit("--latency needs a server: the direct policy measures the load test only")
+                results[policy], model = direct(model, tok, adapters, jobs, args.concurrency, args.max_tokens,
+                                                args.batch)  # fmt: skip
+                print_load(policy, results[policy])
+                continue
             cfg = ServeConfig(port=0, adapters=adapters, policy=mode if lora else "continuous",
                               max_batch_size=batch or args.batch, batch_wait_ms=20)  # fmt: skip
             if mode == "vllm":
@@ -247,9 +302,7 @@ def main() -> None:
                       f"{r['loaded_p95_s']:.2f} s ({r['loaded_p95_s'] / r['alone_p95_s']:.1f}x); long ones took "
                       f"{r['long_s']:.1f} s")  # fmt: skip
             else:
-                print(f"{policy:12s} {r['requests']:4d} req  {r['errors']} errors  {r['wall_s']:7.1f} s  "
-                      f"{r['tok_s']:6.1f} tok/s  {r['req_s']:5.2f} req/s  p50 {r['p50_s']:.2f} s  "
-                      f"p95 {r['p95_s']:.2f} s")  # fmt: skip
+                print_load(policy, r)
     if "continuous" in results and not args.latency:
         for other in results.keys() - {"continuous"}:
             print(f"continuous vs {other}: {results['continuous']['tok_s'] / results[other]['tok_s']:.2f}x tokens/s")
