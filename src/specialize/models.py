@@ -308,47 +308,105 @@ def release_thread_pool() -> bool:
 # ---------------------------------------------------------------------------------------------- weight layout
 
 
+# HF names of linear layers that read one input: q/k/v of attention, gate/up of a gated MLP (Llama and most decoders)
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    # the batch-size hint only picks the block layout. bf16 on AMX: measured 1.5x `F.linear` at 1-16 rows
+    # (decode), 1.4x to 0.93x at 64-2,048 (prefill); fp32 on AVX2: the output projection 2.2x-2.4x at 1-16 rows
+    # and 1.3x-1.6x at 256-1,024, the layers' smaller matrices 0.8x-1.5x
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class Siblings:
+    """Linear layers that read the same input (q/k/v, gate/up), computed as one product with their weights
+    concatenated and packed: a batch-1 decode step is then 121 matrix-vector products instead of 211, and each
+    oneDNN call has a fixed cost (~17 us on AMX) besides its reads. The first member called with an input computes
+    every member's output; the others, called with the same tensor (transformers passes one `hidden_states` to
+    all of them, PEFT passes its input on to the base layer), take their column slice of it. A member called with
+    another tensor computes the whole product again: still exact, only slower (no such call in Llama-style
+    models)."""
+
+    def __init__(self, members: list[PackedLinear]):
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.packed = _pack(torch.cat([m.weight for m in members]))
+        biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in members]
+        self.bias = torch.cat(biases).detach() if any(m.bias is not None for m in members) else None
+        self._input: torch.Tensor | None = None
+        self._parts: tuple[torch.Tensor, ...] = ()
+        self._pending: set[int] = set()
+
+    def output(self, member: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        i = self.members.index(member)
+        if self._input is not x or i not in self._pending:
+            # holding the input keeps its id from being reused by a later tensor until every member has read it
+            self._input, self._pending = x, set(range(len(self.members)))
+            self._parts = _linear(x, self.packed, self.bias).split(self.sizes, dim=-1)
+        part = self._parts[i]
+        self._pending.discard(i)
+        if not self._pending:
+            self._input, self._parts = None, ()
+        return part
+
+
 class PackedLinear(torch.nn.Linear):
-    """An `nn.Linear` whose inference forward reads a copy of its bf16 weight reordered once into oneDNN's blocked
-    layout. A batch-1 decode step is ~200 matrix-vector products; `F.linear` on a plain bf16 weight streams it at
-    ~11 GB/s on an AMX CPU and the packed copy at ~17 GB/s, with ~40% less fixed cost per call (profile in
-    docs/benchmarks.md). The copy is used only without autograd, on CPU bf16 inputs, and only while the weight is
-    the one packed (same storage, same version: an optimizer step or a reassigned weight falls back to `F.linear`
-    until the next `pack_linears`). State dict, PEFT wrapping and training see a plain `nn.Linear`."""
+    """An `nn.Linear` whose inference forward reads a copy of its weight reordered once into oneDNN's blocked
+    layout (alone, or concatenated with its `Siblings`). A batch-1 decode step is ~200 matrix-vector products;
+    `F.linear` on a plain bf16 weight streams it at ~11 GB/s on an AMX CPU and the packed copy at ~17 GB/s, with
+    ~40% less fixed cost per call; on an AVX2-only CPU (fp32 weights) the packed 49152 x 576 output projection
+    runs 2.2x (1 row) to 2.4x (16 rows) MKL's `F.linear` (profiles in docs/benchmarks.md). The copy is used only
+    without autograd, on CPU inputs of the weight's dtype, and only while the weight is the one packed (same
+    storage, same version: an optimizer step or a reassigned weight falls back to `F.linear` until the next
+    `pack_linears`). State dict, PEFT wrapping and training see a plain `nn.Linear`."""
 
     packed: torch.Tensor | None = None
+    siblings: Siblings | None = None
     packed_key: tuple[int, int] | None = None
     packed_sample: float | None = None  # a strided sample of the weight, summed (see `pack_linears`)
+
+    def current(self) -> bool:
+        """Whether the weight is still the one packed."""
+        w = self.weight
+        return self.packed_key is not None and (w.data_ptr(), w._version) == self.packed_key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (
-            self.packed is not None
-            and not torch.is_grad_enabled()
+            not torch.is_grad_enabled()
             and x.dtype == w.dtype
             and x.device.type == "cpu"
             and x.numel() > 0
-            and (w.data_ptr(), w._version) == self.packed_key
+            and self.current()
         ):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            if self.siblings is not None and all(m.current() for m in self.siblings.members):
+                return self.siblings.output(self, x)
+            if self.packed is not None:
+                return _linear(x, self.packed, self.bias)
         return super().forward(x)
 
     def __getstate__(self) -> dict[str, Any]:
         # oneDNN's blocked tensor has no storage to copy or pickle: a copy of the module starts unpacked
-        return {**super().__getstate__(), "packed": None, "packed_key": None, "packed_sample": None}
+        return {**super().__getstate__(), "packed": None, "siblings": None, "packed_key": None, "packed_sample": None}
 
 
 def packing_applies(precision: Precision, device: str | torch.device = "cpu") -> bool:
-    """Packed weights pay off for bf16 weights without autocast on a CPU with native bf16 (AMX, AVX512-BF16);
-    fp32 matrix-vector products are faster through MKL's own path (measured: 0.66x packed)."""
-    return (
-        torch.device(device).type == "cpu"
-        and precision.param_dtype == torch.bfloat16
-        and precision.autocast_dtype is None
-        and cpu_supports_bf16()
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    """Packed weights pay off, without autocast, for the weights `auto` picks on each CPU class: bf16 on a CPU with
+    native bf16 (AMX, AVX512-BF16), fp32 on one without (AVX2: MKL's fp32 `F.linear` reads the tall output
+    projection at under half the packed rate). fp32 on a native-bf16 CPU stays on MKL's path, which is faster
+    there (measured on AMX: packed 0.66x)."""
+    if torch.device(device).type != "cpu" or precision.autocast_dtype is not None:
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if precision.param_dtype == torch.bfloat16:
+        return cpu_supports_bf16() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return precision.param_dtype == torch.float32 and not cpu_supports_bf16()
 
 
 def available_memory() -> int:
@@ -366,31 +424,61 @@ def _sample(weight: torch.Tensor) -> float:
     return float(weight.detach().reshape(-1)[::997].float().sum())
 
 
+def _sibling_groups(model: Any, dtype: torch.dtype) -> list[list[torch.nn.Linear]]:
+    """The `SIBLINGS` of every module, as plain or packed linears of `dtype` (a PEFT layer's base layer for an
+    adapted one) with one input size, in call order."""
+    groups = []
+    for module in model.modules():
+        for names in SIBLINGS:
+            found = [getattr(module, n, None) for n in names]
+            found = [getattr(m, "base_layer", m) for m in found]
+            if (
+                all(isinstance(m, torch.nn.Linear) and m.weight.dtype == dtype for m in found)
+                and len({m.in_features for m in found}) == 1
+                and len({id(m) for m in found}) == len(found)
+            ):
+                groups.append(found)
+    return groups
+
+
 def pack_linears(model: Any, precision: Precision, device: str | torch.device = "cpu") -> int:
-    """Give every bf16 `nn.Linear` of `model` a packed copy of its weight (see `PackedLinear`); the number packed.
-    Each call (every new decoding loop) repacks a weight that changed since it was packed: a new storage or
-    version, or a strided sample of it that sums differently, which catches edits through `.data` (they move no
-    version counter; a merged LoRA delta changes every element), at ~1 ms for the embedded model where repacking
-    all would cost ~0.3 s. Skipped where it does not pay off or where a second copy of the weights would not fit
-    in half the memory available now."""
+    """Give every `nn.Linear` of `model` in the precision's dtype a packed copy of its weight (see `PackedLinear`;
+    `Siblings` share one); the number packed. Each call (every new decoding loop) repacks a weight that changed
+    since it was packed: a new storage or version, or a strided sample of it that sums differently, which catches
+    edits through `.data` (they move no version counter; a merged LoRA delta changes every element), at ~1 ms for
+    the embedded model where repacking all would cost ~0.3 s. Skipped where it does not pay off or where a second
+    copy of the weights would not fit in half the memory available now."""
     if not packing_applies(precision, device):
         return 0
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16]
-    new = sum(m.weight.numel() * m.weight.element_size() for m in linears if getattr(m, "packed", None) is None)
+    dtype = precision.param_dtype
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.dtype == dtype]
+    new = sum(m.weight.numel() * m.weight.element_size() for m in linears if getattr(m, "packed_key", None) is None)
     if new > available_memory() / 2:
         return 0
     with torch.no_grad():
+        changed = set()
         for m in linears:
             if type(m) is torch.nn.Linear:
                 m.__class__ = PackedLinear
             if not isinstance(m, PackedLinear):
                 continue
             key, sample = (m.weight.data_ptr(), m.weight._version), _sample(m.weight)
-            if m.packed is None or (key, sample) != (m.packed_key, m.packed_sample):
-                # the batch-size hint only picks the block layout: measured 1.5x `F.linear` at 1-16 rows (decode)
-                # and from 1.4x to 0.93x at 64-2,048 (prefill)
-                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1)
+            if m.packed_key is None or (key, sample) != (m.packed_key, m.packed_sample):
+                changed.add(id(m))
                 m.packed_key, m.packed_sample = key, sample
+        grouped = set()
+        for group in _sibling_groups(model, dtype):
+            if not all(isinstance(m, PackedLinear) for m in group):
+                continue  # a member of another Linear subclass would never take its slice
+            grouped |= {id(m) for m in group}
+            old = group[0].siblings
+            if old is None or old.members != group or any(id(m) in changed for m in group):
+                shared = Siblings(group)
+                for m in group:
+                    m.siblings, m.packed = shared, None
+        for m in linears:
+            if isinstance(m, PackedLinear) and id(m) not in grouped and (m.packed is None or id(m) in changed):
+                m.siblings, m.packed = None, _pack(m.weight)
     return sum(isinstance(m, PackedLinear) for m in linears)
 
 
