@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from specialize.generation.kvcache import cache_layers, growing, pad_left
 from specialize.generation.lora import NO_ADAPTER as PEFT_BASE
 from specialize.generation.lora import StackedLoRA, adapters_off, tuner_layers
 from specialize.generation.params import SamplingParams
@@ -236,22 +237,6 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def _cache_layers(cache: Any) -> list[Any]:
-    layers = getattr(cache, "layers", None)
-    if layers is None or any(not hasattr(layer, "keys") for layer in layers):
-        raise TypeError(f"the token loop needs a DynamicCache of key/value layers, got {type(cache).__name__}")
-    return layers
-
-
-def _pad_cache_left(cache: Any, width: int) -> None:
-    for layer in _cache_layers(cache):
-        for name in ("keys", "values"):
-            t = getattr(layer, name)
-            if t.shape[2] < width:
-                pad = t.new_zeros((*t.shape[:2], width - t.shape[2], t.shape[3]))
-                setattr(layer, name, torch.cat([pad, t], dim=2))
-
-
 @dataclass
 class _Rows:
     """Rows stepping together: one KV cache, the attention mask over it, each row's next position and its
@@ -270,10 +255,10 @@ class _Rows:
         """Append `other`'s rows (their cache left-padded, or ours, to the same width)."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         for rows in (self, other):
-            _pad_cache_left(rows.cache, width)
+            pad_left(rows.cache, width)
             if rows.mask.shape[1] < width:
                 rows.mask = torch.cat([rows.mask.new_zeros((len(rows), width - rows.mask.shape[1])), rows.mask], 1)
-        for mine, theirs in zip(_cache_layers(self.cache), _cache_layers(other.cache), strict=True):
+        for mine, theirs in zip(cache_layers(self.cache), cache_layers(other.cache), strict=True):
             mine.keys = torch.cat([mine.keys, theirs.keys])
             mine.values = torch.cat([mine.values, theirs.values])
         self.mask = torch.cat([self.mask, other.mask])
@@ -287,7 +272,7 @@ class _Rows:
         mask = self.mask[idx]
         live = mask.any(dim=0).nonzero()
         start = int(live[0]) if len(live) else mask.shape[1]
-        for layer in _cache_layers(self.cache):
+        for layer in cache_layers(self.cache):
             layer.keys = layer.keys[idx.to(layer.keys.device), :, start:]
             layer.values = layer.values[idx.to(layer.values.device), :, start:]
         self.mask = mask[:, start:]
@@ -529,7 +514,7 @@ class TokenLoop:
         positions = (b.mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(b.adapters, input_ids=b.ids[:, lo:hi], attention_mask=b.mask[:, :hi],
                             position_ids=positions[:, lo:hi], **kv(b.cache), logits_to_keep=1)  # fmt: skip
-        b.cache, b.cols, b.last = cache_of(out), hi, out.logits[:, -1]
+        b.cache, b.cols, b.last = growing(cache_of(out)), hi, out.logits[:, -1]
         self.stats["prefill_tokens"] += int(b.mask[:, lo:hi].sum())
         if b.cols < width:
             return

@@ -1,0 +1,86 @@
+"""The token loop's KV cache grows in place: a decode step writes its keys and values into room left in the
+buffers instead of copying the whole cache, and anything the loop assigns to a layer is taken as the cache."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from specialize.generation import Request, SamplingParams, TokenLoop
+from specialize.generation.kvcache import ROOM, GrowingLayer, growing
+from specialize.models import Precision
+
+FP32 = Precision(torch.float32, None)
+
+
+def _states(rows: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 2, length, 4, generator=g), torch.randn(rows, 2, length, 4, generator=g)
+
+
+def test_appending_equals_concatenation_and_reuses_the_buffer_until_it_is_full():
+    grown, plain = GrowingLayer(), DynamicLayer()
+    k, v = _states(3, 10, 0)
+    grown.update(k, v)
+    plain.update(k, v)
+    storage = grown.keys.untyped_storage().data_ptr()
+    capacity = 10 + max(10 // 4, ROOM)
+    reallocations = 0
+    for step in range(capacity + 5):  # past the room: one reallocation, the content carried over
+        k, v = _states(3, 1, step + 1)
+        keys, values = grown.update(k, v)
+        plain_keys, plain_values = plain.update(k, v)
+        assert torch.equal(keys, plain_keys) and torch.equal(values, plain_values)
+        assert keys.shape == (3, 2, 11 + step, 4) and grown.get_seq_length() == 11 + step
+        if keys.untyped_storage().data_ptr() != storage:
+            reallocations += 1
+            storage = keys.untyped_storage().data_ptr()
+            assert 10 + step + 1 > capacity  # only when the room ran out
+    assert reallocations == 1
+
+
+def test_tensors_the_loop_assigns_replace_the_buffer():
+    """`_Rows.keep` / `merge` / `pad_left` assign new keys and values (rows leaving, joining, padded)."""
+    layer = GrowingLayer()
+    layer.update(*_states(3, 6, 0))
+    layer.update(*_states(3, 1, 1))
+    kept_keys, kept_values = layer.keys[[0, 2]], layer.values[[0, 2]]
+    layer.keys, layer.values = kept_keys, kept_values
+    k, v = _states(2, 1, 2)
+    keys, values = layer.update(k, v)
+    assert torch.equal(keys, torch.cat([kept_keys, k], dim=2))
+    assert torch.equal(values, torch.cat([kept_values, v], dim=2))
+
+
+def test_growing_converts_only_full_attention_layers():
+    cache = DynamicCache()
+    cache.update(*_states(1, 2, 0), layer_idx=0)
+    cache.update(*_states(1, 2, 1), layer_idx=1)
+    sliding = type("Sliding", (DynamicLayer,), {})()  # another layer kind keeps its own update
+    cache.layers.append(sliding)
+    sliding.update(*_states(1, 2, 2))
+    growing(cache)
+    assert [type(layer) for layer in cache.layers] == [GrowingLayer, GrowingLayer, type(sliding)]
+
+
+def test_decode_steps_write_into_the_cache_in_place(tiny_model, gpt2_style_tokenizer):
+    """In the loop: after the prefill, decode steps keep every layer's buffer (no per-step copy of the cache),
+    and the tokens are the ones decoded by transformers' `generate`."""
+    tok = gpt2_style_tokenizer
+    prompt = tok("The lighthouse keeper climbed the stairs")["input_ids"]
+    request = Request([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    loop = TokenLoop(tiny_model, tok, FP32, max_rows=2)
+    loop.submit(request)
+    loop.step()  # prefill and the first decode step
+    layers = loop.rows.cache.layers
+    assert all(type(layer) is GrowingLayer for layer in layers)
+    storages = [layer.keys.untyped_storage().data_ptr() for layer in layers]
+    for _ in range(8):
+        loop.step()
+        assert [layer.keys.untyped_storage().data_ptr() for layer in layers] == storages
+    loop.run()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        expected = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                       min_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)  # fmt: skip
+    assert list(request.result.token_ids) == expected[0, ids.shape[1] :].tolist()
