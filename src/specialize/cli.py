@@ -239,11 +239,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
     results = run_training(cfg)
-    if os.environ.get("RANK", "0") != "0":  # one report per distributed run
-        return 0
-    for r in results:
-        state = "reused" if r.reused else f"{r.steps} steps, final loss {r.final_loss:.4f}"
-        print(f"{r.name}: {r.output} ({state})")
+    if os.environ.get("RANK", "0") == "0":  # one report per distributed run
+        for r in results:
+            state = "reused" if r.reused else f"{r.steps} steps, final loss {r.final_loss:.4f}"
+            print(f"{r.name}: {r.output} ({state})")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torch 2.13 keeps the gloo group (its worker and socket threads) alive after destroy_process_group once DDP
+        # has built a Reducer, so interpreter finalization tears it down among static destructors: one rank aborted
+        # there in CI ("terminate called without an active exception"). Every artifact is written atomically by now;
+        # leave without finalization, as multiprocessing's worker processes do.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
