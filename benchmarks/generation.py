@@ -2,7 +2,9 @@
 prompts, same greedy decoding, same number of new tokens; plus the cost of eq. 2 marginalization (k
 retrieved-document contexts mixed at every step) per generated token against plain generation; and the token
 loop's batch-1 and 16-row decode rates against the weight-read bound (the machine's read bandwidth, measured in
-the same run, over the bytes of weights a token reads).
+the same run, over the bytes of weights a token reads). Beside both ratios against naive generation it prints the
+ratio that prompt prefill alone allows (each prompt's forward, measured in the same run): the limit were decoding
+free, which a CPU without fast low-precision matmuls (fp32 on AVX2) reaches first.
 
     .venv/bin/python benchmarks/generation.py [--prompts 32] [--new 64] [--batch 16] [--k 5]
 """
@@ -89,6 +91,11 @@ def main() -> None:
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                            min_new_tokens=args.new, do_sample=False, pad_token_id=eos, eos_token_id=eos)  # fmt: skip
     naive_doc_s = time.perf_counter() - start
+    # the floor under both ratios: prompt prefill is compute-bound wherever matmuls lack a fast low-precision path
+    # (fp32 on AVX2 runs it near the CPU's peak at batch 1 already), so batching cannot make it cheaper; eq. 2 has
+    # k times the prompt tokens of its peer
+    prompt_prefill_s = prefill_seconds(model, precision, [encode_prompt(p, t, tok) for p in prompts])
+    k_prefill_s = prefill_seconds(model, precision, [c for ctx in ctx_k for c in ctx])
     per_tok_1 = one_s / (len(items) * args.new)
     per_tok_k = k_s / (len(items) * args.new)
     print(f"{len(prompts)} prompts x {args.new} new tokens, greedy, {args.threads} threads, {precision.describe()} "
@@ -96,12 +103,27 @@ def main() -> None:
     print(f"naive batch-1 model.generate: {naive_tokens / naive_s:6.1f} tok/s")
     print(f"specialize batched (batch {args.batch}): {ours_tokens / ours_s:6.1f} tok/s "
           f"-> {(ours_tokens / ours_s) / (naive_tokens / naive_s):.1f}x")  # fmt: skip
+    print(f"  prefill of the {len(prompts)} prompts alone (batch 1): {prompt_prefill_s:.1f} s of naive's "
+          f"{naive_s:.1f} s: with decoding free, batching could reach at most "
+          f"{naive_s / prompt_prefill_s:.1f}x")  # fmt: skip
     print(f"eq. 2 marginalization over k={args.k} documents: {per_tok_k * 1000:.1f} ms per generated token vs "
           f"{per_tok_1 * 1000:.1f} ms with one document context ({per_tok_k / per_tok_1:.2f}x)")  # fmt: skip
     answers = len(items) * args.new
     print(f"eq. 2 answer tokens/s over k={args.k} documents: {answers / k_s:.1f} vs naive batch-1 model.generate "
           f"over one document: {answers / naive_doc_s:.1f} ({naive_doc_s / k_s:.2f}x)")  # fmt: skip
+    print(f"  prefill of the {len(items)} x {args.k} document contexts alone (batch 1): {k_prefill_s:.1f} s of eq. 2's "
+          f"{k_s:.1f} s: with decoding free, eq. 2 could reach at most {naive_doc_s / k_prefill_s:.2f}x")  # fmt: skip
     decode_vs_bound(model, tok, t, precision, args)
+
+
+def prefill_seconds(model, precision, prompts: list[list[int]]) -> float:
+    """Seconds to prefill each prompt alone (one forward, last position's logits only, as the token loop does)."""
+    with inference_mode(model, precision):
+        model(input_ids=torch.tensor([prompts[0]]), logits_to_keep=1)  # warm
+        start = time.perf_counter()
+        for p in prompts:
+            model(input_ids=torch.tensor([p]), logits_to_keep=1)
+    return time.perf_counter() - start
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

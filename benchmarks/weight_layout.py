@@ -1,5 +1,7 @@
 """Inference weight layouts, side by side in one run: plain `F.linear` weights vs every linear packed alone in
-oneDNN's blocked layout vs packed with q/k/v and gate/up sharing one concatenated matrix (`models.pack_linears`).
+oneDNN's blocked layout vs packed with q/k/v and gate/up sharing one concatenated matrix (`models.pack_linears`),
+and the same shared packing in oneDNN's single-row block layout (batch-size hint 1) where the default layout for
+the dtype differs (`models.PACK_HINT`).
 
 Three copies of the embedded model in the precision `auto` picks on this CPU decode the same prompt; their decode
 steps are interleaved (plain, packed, shared, plain, ...), so a change in the machine's memory bandwidth during
@@ -37,6 +39,10 @@ def main() -> None:
     with mock.patch.object(models, "SIBLINGS", ()):
         pack_linears(variants["packed"], precision)
     pack_linears(variants["packed, shared q/k/v + gate/up"], precision)
+    if models.PACK_HINT.get(precision.param_dtype, 1) != 1:
+        variants["shared, single-row layout"] = single = copy.deepcopy(model)
+        with mock.patch.dict(models.PACK_HINT, {precision.param_dtype: 1}):
+            pack_linears(single, precision)
 
     prompt = tok("Write a long story about a lighthouse keeper who lives alone on an island.")["input_ids"]
     ids = torch.tensor([prompt] * args.rows)

@@ -196,6 +196,26 @@ def test_packed_linears_read_their_packed_copy_only_while_it_is_the_weight(tiny_
 
 
 @needs_packing
+@pytest.mark.parametrize("rows", [1, 3, 16, 100])
+def test_a_packed_layout_serves_any_number_of_rows(rows: int):
+    # the block layout is chosen for one row count (`models.PACK_HINT`); decode batches of any size, eq. 2's rows
+    # and prefill chunks all read it
+    import copy
+
+    from specialize.models import PackedLinear, pack_linears
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(96, 200)).to(AUTO.param_dtype)
+    plain = copy.deepcopy(layer)
+    assert pack_linears(layer, AUTO) == 1 and isinstance(layer[0], PackedLinear) and layer[0].packed is not None
+    x = torch.randn(rows, 96, dtype=AUTO.param_dtype)
+    with torch.inference_mode():
+        got, want = layer(x).float(), plain(x).float()
+    assert got.shape == (rows, 200)
+    assert torch.allclose(got, want, rtol=0.02, atol=0.01 * want.abs().max().item())
+
+
+@needs_packing
 def test_sibling_linears_share_one_packed_product_and_each_gets_its_own_columns(tiny_model):
     import copy
 
