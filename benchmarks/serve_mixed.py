@@ -10,6 +10,8 @@ Policies (one server each, in turn, in this process):
 - per_adapter: static waves of a single adapter
 - switch:      one request at a time, the adapter switched for each (what a server without batching does)
 - continuous_peft: continuous, with PEFT's per-adapter loop for mixed batches instead of the stacked LoRA
+- continuous_separate: continuous, each joining request prefilled in a forward of its own instead of in the
+               running rows' decode forward
 - direct:      no server: the same requests on a token loop driven in this thread (the next one submitted as one
                finishes, --concurrency in flight): what the server costs on top of the loop
 
@@ -44,6 +46,7 @@ from specialize.serve.server import ServeConfig, build_engine, running
 POLICIES = {  # name: (loop policy, batch override, how mixed batches apply LoRA)
     "continuous": ("continuous", None, "stacked"),
     "continuous_peft": ("continuous", None, "peft"),
+    "continuous_separate": ("continuous", None, "stacked"),  # joining prompts not in the decode forward
     "static": ("static", None, "stacked"),
     "per_adapter": ("per_adapter", None, "stacked"),
     "switch": ("per_adapter", 1, "stacked"),
@@ -284,6 +287,7 @@ def main() -> None:
             elif mode != "vllm_openai":
                 engine = Engine(model, tok, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms,
                                 policy=mode, precision=select_precision("auto", "cpu"), lora=lora)  # fmt: skip
+                engine.loop.fused_prefill = policy != "continuous_separate"
                 for name, path in adapters.items():
                     engine.add_adapter(name, path)
             with vllm_openai(adapters, args.threads) if mode == "vllm_openai" else running(cfg, engine) as url:

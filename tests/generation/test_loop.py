@@ -68,6 +68,77 @@ def test_chunked_prefill_and_joining_rows_decode_exactly_as_one_batch(tiny_model
     assert [r.result.token_ids for r in reqs] == [o.token_ids for o in whole]
 
 
+def test_prompts_joining_in_the_decode_forward_decode_exactly_as_in_a_forward_of_their_own(
+    tiny_model, gpt2_style_tokenizer
+):
+    """Joining prompts ride in the running rows' decode forward (`ragged.py`): a greedy request, an eq. 2 request
+    over three contexts and a seeded sampled one join two running rows of different lengths; every token equals
+    the loop that prefills joining prompts in forwards of their own."""
+    tok = gpt2_style_tokenizer
+
+    def requests() -> list[Request]:
+        params = SamplingParams(max_new_tokens=9)
+        return [
+            Request([_ids(tok, "Once upon a time there was")], SamplingParams(max_new_tokens=30)),
+            Request([_ids(tok, "Hi")], SamplingParams(max_new_tokens=30)),
+            Request([_ids(tok, "The cat sat on the")], params),
+            Request([_ids(tok, t) for t in ("A B C", "One two three four five", "x")], params, [0.5, 0.3, 0.2]),
+            Request([_ids(tok, "Numbers: 1 2 3")], params.model_copy(update={"temperature": 0.8, "seed": 3})),
+        ]
+
+    outputs, loops = {}, {}
+    for fused in (True, False):
+        loop = loops[fused] = TokenLoop(tiny_model, tok, FP32, max_rows=16, fused_prefill=fused)
+        reqs = requests()
+        loop.submit(*reqs[:2])
+        for _ in range(3):
+            loop.step()
+        loop.submit(*reqs[2:])
+        loop.step()
+        if fused:  # they joined at once, in one step (a job of their own prefills its length buckets one by one)
+            assert len(loop.running) == 5
+        loop.run()
+        outputs[fused] = [r.result.token_ids for r in reqs]
+    assert loops[True].stats["joined_in_decode"] == 3 and loops[False].stats["joined_in_decode"] == 0
+    assert outputs[True] == outputs[False]
+    assert all(len(o) > 0 for o in outputs[True])
+
+
+def test_a_prompt_joining_as_the_last_running_row_leaves_decodes_as_alone(tiny_model, gpt2_style_tokenizer):
+    tok = gpt2_style_tokenizer
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    alone = Request([_ids(tok, "The cat sat on")], params)
+    solo = TokenLoop(tiny_model, tok, FP32)
+    solo.submit(alone)
+    solo.run()
+    loop = TokenLoop(tiny_model, tok, FP32, max_rows=4)
+    first = Request([_ids(tok, "Hi")], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    loop.submit(first)
+    loop.step()
+    late = Request([_ids(tok, "The cat sat on")], params)
+    loop.submit(late)
+    loop.step()  # `first` takes its last token and leaves; the ragged forward holds the prompt alone
+    assert first.result is not None and loop.stats["joined_in_decode"] == 1
+    loop.run()
+    assert late.result.token_ids == alone.result.token_ids
+
+
+def test_a_joining_prompt_over_the_step_budget_is_prefilled_in_chunks_instead(tiny_model, gpt2_style_tokenizer):
+    tok = gpt2_style_tokenizer
+    loop = TokenLoop(tiny_model, tok, FP32, max_rows=4, prefill_tokens=8)
+    loop.submit(Request([_ids(tok, "Hi")], SamplingParams(max_new_tokens=20)))
+    loop.step()
+    short, long = (Request([_ids(tok, t)], SamplingParams(max_new_tokens=3)) for t in ("A B", "one " * 12))
+    loop.submit(short)
+    loop.step()
+    assert loop.stats["joined_in_decode"] == 1
+    loop.submit(long)
+    loop.step()
+    assert loop.prefilling is not None and loop.stats["joined_in_decode"] == 1  # chunked, not in the decode forward
+    loop.run()
+    assert short.result is not None and long.result is not None and len(long.result.token_ids) == 3
+
+
 def test_cancelled_rows_leave_at_once_and_the_others_go_on(tiny_model, gpt2_style_tokenizer):
     loop = TokenLoop(tiny_model, gpt2_style_tokenizer, FP32, max_rows=4)
     a, b = (Request([_ids(gpt2_style_tokenizer, t)], SamplingParams(max_new_tokens=50)) for t in ("One", "Two"))

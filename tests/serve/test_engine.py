@@ -76,6 +76,7 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(tiny_engine: Engine):
     tiny_engine.submit(*late)
     got = collect(late + long, timeout=120)
     assert all(r.tokens for r in long) and len(long[0].tokens) > len(late[0].tokens)
+    assert tiny_engine.stats["joined_in_decode"] >= 1  # prefilled in the running rows' decode forward
     for (a, p), out in zip(late_jobs, got[:3], strict=True):
         assert out.text == hf_reference(tiny_engine, a, [p], 12)[0], (a, p)
 

@@ -11,6 +11,8 @@ so a batch mixes specialists.
 Iteration-level (continuous) batching: each `step()` first prefills waiting requests (at most
 `prefill_tokens` prompt tokens; a longer prompt is prefilled in chunks over several steps, so it never stalls
 running rows for long), merges them into the running batch, then decodes one token for every running request.
+Prompts that join a running batch and fit one step's budget ride in the decode step's own forward (`ragged.py`:
+the running rows' tokens and the prompts end to end, each weight read once) instead of a forward of their own.
 A finished or cancelled request leaves at once. `max_rows` and `max_tokens` bound what is in flight.
 `policy="static"` (waves: admit only into an empty batch) exists as the comparison point of the benchmark.
 
@@ -22,6 +24,7 @@ only (linear in length); streamed text holds back a partial UTF-8 character and 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 from collections import deque
@@ -33,7 +36,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from specialize.generation.kvcache import cache_layers, growing, pad_left
+from specialize.generation import ragged
+from specialize.generation.kvcache import GrowingLayer, cache_layers, growing, pad_left
 from specialize.generation.lora import NO_ADAPTER as PEFT_BASE
 from specialize.generation.lora import StackedLoRA, adapters_off, tuner_layers
 from specialize.generation.params import SamplingParams
@@ -338,6 +342,7 @@ class TokenLoop:
         prefill_tokens: int = 512,
         policy: Policy = "continuous",
         lora: LoraPath = "stacked",
+        fused_prefill: bool = True,
     ):
         if max_rows < 1 or prefill_tokens < 1:
             raise ValueError("max_rows and prefill_tokens must be >= 1")
@@ -353,6 +358,9 @@ class TokenLoop:
         self.policy = policy
         self.lora = lora
         self.lora_path = lora  # what mixed-adapter steps actually use (with the reason when PEFT's path)
+        self.fused_prefill = fused_prefill  # joining prompts in the decode step's forward (`ragged.py`)
+        self._ragged: tuple[int, list[Any] | None] | None = None  # (id of the model, its configs or None: unsupported)
+        self.joining: list[Request] = []  # admitted this step, prefilled in its decode forward
         self._stack: StackedLoRA | None = None
         self._stack_key: tuple[Any, ...] | None = None
         self._tuners: list[Any] = []
@@ -363,7 +371,7 @@ class TokenLoop:
         self.prefilling: _Prefill | None = None
         self.running: list[Request] = []
         self.rows: _Rows | None = None
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_rows": 0, "mixed_steps": 0}
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_rows": 0, "mixed_steps": 0, "joined_in_decode": 0}
 
     # ---------------------------------------------------------------------------------- admission
 
@@ -469,7 +477,7 @@ class TokenLoop:
         return self._stack
 
     @contextlib.contextmanager
-    def _adapter_kwargs(self, adapters: list[str | None]) -> Iterator[dict[str, Any]]:
+    def _adapter_kwargs(self, adapters: list[str | None], tokens: list[int] | None = None) -> Iterator[dict[str, Any]]:
         """Per-row LoRA: nothing for a plain model or when every row uses the model as it is; the adapter
         switched off when every row reads the base; else every row's own adapter, stacked (`lora.py`) or by
         PEFT's per-row `adapter_names`."""
@@ -484,13 +492,14 @@ class TokenLoop:
         active = self.model.active_adapter
         self.stats["mixed_steps"] += len({a if a is not None else active for a in adapters}) > 1
         if stack is not None:
-            with stack.rows(adapters):
+            with stack.rows(adapters, tokens):
                 yield {}
         else:
+            assert tokens is None, "a ragged forward needs the stacked LoRA path (`_fuses`)"
             yield {"adapter_names": [a if a is not None else active for a in adapters]}
 
-    def _forward(self, adapters: list[str | None], **inputs: Any) -> Any:
-        with self._adapter_kwargs(adapters) as kwargs:
+    def _forward(self, adapters: list[str | None], tokens: list[int] | None = None, **inputs: Any) -> Any:
+        with self._adapter_kwargs(adapters, tokens) as kwargs:
             inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             return self.model(**inputs, use_cache=True, **kwargs)
 
@@ -499,6 +508,9 @@ class TokenLoop:
         if self.prefilling is None:
             taken = self._admit()
             if not taken:
+                return
+            if self._fuses(taken):
+                self.joining = taken
                 return
             prompts = [row for r in taken for row in r.row_prompts()]
             buckets = []
@@ -535,6 +547,60 @@ class TokenLoop:
         self.running += job.requests
         self.prefilling = None
 
+    def _fuses(self, taken: list[Request]) -> bool:
+        """Whether requests joining the running batch are prefilled in its decode forward: their prompts fit one
+        step's budget, the model's family is one `ragged.py` supports, and every row's adapter can be applied per
+        token (the stacked LoRA path)."""
+        if not (self.fused_prefill and self.policy == "continuous" and self.rows is not None):
+            return False
+        prompts = [row for r in taken for row in r.row_prompts()]
+        if sum(len(p) for p, _ in prompts) > self.prefill_tokens:
+            return False
+        if self._ragged is None or self._ragged[0] != id(self.model):
+            supported = ragged.supports(self.model)
+            self._ragged = (id(self.model), ragged.model_configs(self.model) if supported else None)
+        if self._ragged[1] is None or not all(type(la) is GrowingLayer for la in cache_layers(self.rows.cache)):
+            return False
+        adapters = self.rows.adapters + [a for _, a in prompts]
+        if not hasattr(self.model, "peft_config") or all(a is None for a in adapters):
+            return True
+        return all(a == PEFT_BASE for a in adapters) or self._stacked() is not None  # as `_adapter_kwargs` decides
+
+    def _ragged_forward(self, tokens: list[int], joining: list[Request]) -> None:
+        """One forward for the running rows' next tokens and the joining requests' prompts; the prompts' rows
+        then join the batch."""
+        rows = self.rows
+        r = len(rows) if rows is not None else 0
+        prompts = [row for req in joining for row in req.row_prompts()]
+        lengths = [len(p) for p, _ in prompts]
+        if rows is not None:
+            rows.mask = torch.cat([rows.mask, rows.mask.new_ones((r, 1))], dim=1)
+        ids = torch.tensor(tokens + [t for p, _ in prompts for t in p])[None]
+        starts = [rows.next_pos] if rows is not None else []
+        positions = torch.cat([*starts, *(torch.arange(n) for n in lengths)])[None]
+        last = torch.tensor([*range(r), *(r + e - 1 for e in itertools.accumulate(lengths))])  # logits kept
+        adapters = (rows.adapters if rows is not None else []) + [a for _, a in prompts]
+        step = ragged.RaggedStep(rows.cache if rows is not None else None, rows.mask if rows is not None else None,
+                                 lengths)  # fmt: skip
+        assert self._ragged is not None and self._ragged[1] is not None
+        with ragged.ragged(self.model, step, self._ragged[1]):
+            out = self._forward(adapters, [1] * r + lengths, input_ids=ids, position_ids=positions,
+                                logits_to_keep=last, **kv(step))  # fmt: skip
+        logp = F.log_softmax(out.logits[0].float(), dim=-1)
+        if rows is not None:
+            rows.next_pos, rows.logp = rows.next_pos + 1, logp[:r]
+            self.stats["decode_rows"] += r
+        for j, ((p, adapter), cache) in enumerate(zip(prompts, step.joined, strict=True)):
+            new = _Rows(growing(cache), torch.ones((1, len(p)), dtype=torch.long), torch.tensor([len(p)]),
+                        logp[r + j : r + j + 1], [adapter])  # fmt: skip
+            if self.rows is None:
+                self.rows = new
+            else:
+                self.rows.merge(new)
+        self.running += joining
+        self.stats["prefill_tokens"] += sum(lengths)
+        self.stats["joined_in_decode"] += len(joining)
+
     def _scores(self, r: Request, logp: torch.Tensor) -> torch.Tensor:
         """The request's next-token scores [V] from its rows' log-probabilities [n_rows, V]."""
         k = len(r.contexts)
@@ -547,9 +613,33 @@ class TokenLoop:
         return scores
 
     def _decode_step(self) -> None:
-        """Choose every running request's next token, retire the finished, and run one forward for the rest."""
-        if not self.running or self.rows is None:
+        """Choose every running request's next token, retire the finished, and run one forward for the rest (and
+        for the prompts joining them, `_ragged_forward`)."""
+        joining, self.joining = self.joining, []
+        tokens: list[int] = []
+        if self.running and self.rows is not None:
+            tokens = self._choose()
+        if joining:
+            try:
+                self._ragged_forward(tokens, joining)
+            except BaseException:  # not admitted after all: they wait again, first (the caller fails or retries)
+                with self.lock:
+                    self.waiting.extendleft(reversed(joining))
+                raise
             return
+        if self.rows is None:
+            return
+        rows = self.rows
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows), 1))], dim=1)
+        out = self._forward(rows.adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=rows.mask,
+                            position_ids=rows.next_pos[:, None], **kv(rows.cache))  # fmt: skip
+        rows.cache, rows.next_pos = cache_of(out), rows.next_pos + 1
+        rows.logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+        self.stats["decode_rows"] += len(rows)
+
+    def _choose(self) -> list[int]:
+        """Every running request's next token; the finished leave. Returns the tokens of the rows that remain."""
+        assert self.rows is not None
         tokens: list[int] = []
         still: list[Request] = []
         # every row's argmax in one op: one device sync per step for plain greedy requests, not one per request
@@ -567,15 +657,7 @@ class TokenLoop:
             still.append(r)
             tokens += [token] * r.n_rows
         self._keep(still)
-        if self.rows is None:
-            return
-        rows = self.rows
-        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows), 1))], dim=1)
-        out = self._forward(rows.adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=rows.mask,
-                            position_ids=rows.next_pos[:, None], **kv(rows.cache))  # fmt: skip
-        rows.cache, rows.next_pos = cache_of(out), rows.next_pos + 1
-        rows.logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
-        self.stats["decode_rows"] += len(rows)
+        return tokens
 
     def _spans(self) -> Iterator[tuple[Request, slice]]:
         """Each running request with the slice of batch rows it owns (rows are in request order)."""

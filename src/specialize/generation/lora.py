@@ -158,8 +158,10 @@ class StackedLoRA:
         return out
 
     @contextlib.contextmanager
-    def rows(self, adapters: Sequence[str | None]) -> Iterator[None]:
-        """One forward with PEFT's own LoRA switched off and each row's delta added by the stacked layers."""
+    def rows(self, adapters: Sequence[str | None], tokens: Sequence[int] | None = None) -> Iterator[None]:
+        """One forward with PEFT's own LoRA switched off and each row's delta added by the stacked layers.
+        `tokens`: for a ragged forward (one sequence holding every row's tokens end to end, `ragged.py`), how
+        many consecutive tokens each row has."""
         slots = self._slots(adapters)
         present = sorted({s for s in slots if s >= 0})
         if not present:  # every row reads the base: nothing to add
@@ -172,7 +174,10 @@ class StackedLoRA:
                 mask[row, present.index(s)] = 1
         device = next(iter(self.layers.values())).a.device
         self._present = None if len(present) == len(self.names) else torch.tensor(present, device=device)
-        self._mask = mask.reshape(len(slots), 1, -1).to(device)
+        mask = mask.reshape(len(slots), 1, -1)
+        if tokens is not None:  # one mask row per token of a single sequence: [1, sum(tokens), |present| * R]
+            mask = mask.repeat_interleave(torch.tensor(tokens), dim=0).reshape(1, -1, mask.shape[-1])
+        self._mask = mask.to(device)
         try:
             with adapters_off(self._tuners):
                 yield

@@ -1,0 +1,137 @@
+"""One forward over a ragged batch: the running rows' next tokens and the prompts of requests joining them.
+
+A request that joins a running batch used to be prefilled in a forward of its own. On a CPU that forward costs far
+more than its prompt's compute: every weight is read again and every eager op runs again (docs/benchmarks.md: a
+join of ~67 prompt tokens took 250 ms beside 113 ms decode steps of 8 rows on a 2-core AVX2 CPU). Here the joining
+prompts ride in the decode step's forward instead, as vLLM's chunked prefill does: the R running rows' tokens and
+the J prompts are laid end to end as one sequence [1, R + sum(n_j)], so every linear layer runs once over all of
+them (each weight read once), and only attention is done per group:
+
+- the running rows attend to their own KV cache (left-padded, with its padding mask), to which their new keys
+  and values are appended (`GrowingLayer`, in place);
+- each joining prompt attends causally to its own tokens, which become its new cache.
+
+transformers computes everything else (embeddings, RoPE from the given positions, norms, MLP, LoRA through
+`lora.StackedLoRA` with one adapter per token): this module only supplies the cache object the attention
+modules update (`RaggedStep.update`) and an attention function (`ATTENTION`, registered with transformers'
+`AttentionInterface`) that the model's config names for the duration of the forward. With no mask function
+registered under that name, transformers builds no mask for it (as for vLLM's and TGI's backends).
+
+It applies to decoder families whose attention modules update the cache with keys [B, heads, N, head_dim] and
+then call the configured attention function (`SUPPORTED`), with full attention in every layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
+
+ATTENTION = "specialize_ragged"
+# model types checked to compute attention only through the configured attention function and keep one full-
+# attention cache layer per decoder layer (sliding windows excluded by `supports`)
+SUPPORTED = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+_STEP: ContextVar[RaggedStep | None] = ContextVar("specialize_ragged_step", default=None)
+
+
+def supports(model: Any) -> bool:
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED:
+        return False
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
+
+
+class RaggedStep:
+    """The KV cache of one ragged forward. `running`: the running rows' cache (None when no row runs), `mask`:
+    their attention mask including the new token [R, T + 1]; `lengths`: the joining prompts' token counts, each
+    prompt starting at position 0. After the forward, `joined[j]` is prompt j's cache."""
+
+    def __init__(self, running: Any, mask: torch.Tensor | None, lengths: Sequence[int]):
+        self.running = running
+        self.rows = 0 if mask is None else mask.shape[0]
+        self.mask = None if mask is None else mask.bool()[:, None, None, :]
+        self.lengths = list(lengths)
+        self.joined = [DynamicCache() for _ in self.lengths]
+        self._kv: dict[int, tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        """Route one layer's new keys/values [1, heads, N, dim] to the running rows' cache and the prompts' own;
+        the attention function reads them back from here."""
+        k, v = keys[0], values[0]
+        r = self.rows
+        running = None
+        if r:
+            running = self.running.update(k[:, :r].transpose(0, 1)[:, :, None], v[:, :r].transpose(0, 1)[:, :, None],
+                                          layer_idx)  # fmt: skip
+        prompts, start = [], r
+        for cache, n in zip(self.joined, self.lengths, strict=True):
+            kj, vj = k[None, :, start : start + n], v[None, :, start : start + n]
+            cache.update(kj, vj, layer_idx)
+            prompts.append((kj, vj))
+            start += n
+        self._kv[layer_idx] = (running, prompts)
+        return keys, values
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """Attention output [1, N, heads, dim] for query [1, heads, N, dim]."""
+        running, prompts = self._kv.pop(layer_idx)
+        q = query[0]
+        r = self.rows
+        outs = []
+        if r:
+            keys, values = running
+            assert self.mask is not None
+            self.mask = self.mask.to(keys.device)  # the loop keeps masks on the CPU; a no-op after the first layer
+            out = F.scaled_dot_product_attention(q[:, :r].transpose(0, 1)[:, :, None], keys, values,
+                                                 attn_mask=self.mask, scale=scale, enable_gqa=True)  # fmt: skip
+            outs.append(out[:, :, 0])  # [R, heads, dim]
+        start = r
+        for (kj, vj), n in zip(prompts, self.lengths, strict=True):
+            out = F.scaled_dot_product_attention(q[None, :, start : start + n], kj, vj, is_causal=True, scale=scale,
+                                                 enable_gqa=True)  # fmt: skip
+            outs.append(out[0].transpose(0, 1))  # [n, heads, dim]
+            start += n
+        return torch.cat(outs)[None]
+
+
+def _attention(module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: Any, scaling=None, **_):
+    step = _STEP.get()
+    if step is None:
+        raise RuntimeError(f"the {ATTENTION!r} attention runs only inside a ragged token-loop step")
+    return step.attend(module.layer_idx, query, scaling), None
+
+
+AttentionInterface.register(ATTENTION, _attention)
+
+
+def model_configs(model: Any) -> list[Any]:
+    """The config objects of `model`'s modules (each attention module reads its own `config`): walk once, reuse."""
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def ragged(model: Any, step: RaggedStep, configs: Sequence[Any] | None = None) -> Iterator[None]:
+    """The model computes attention with `step` for one forward (its configs name `ATTENTION` meanwhile)."""
+    configs = list(configs) if configs is not None else model_configs(model)
+    before = [c._attn_implementation for c in configs]
+    token = _STEP.set(step)
+    try:
+        for c in configs:
+            c._attn_implementation = ATTENTION
+        yield
+    finally:
+        for c, b in zip(configs, before, strict=True):
+            c._attn_implementation = b
+        _STEP.reset(token)
