@@ -255,6 +255,10 @@ class _Rows:
     def __len__(self) -> int:
         return len(self.adapters)
 
+    def attend_new_token(self) -> None:
+        """The mask's column for the token every row is about to feed."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
+
     def merge(self, other: _Rows) -> None:
         """Append `other`'s rows (their cache left-padded, or ours, to the same width)."""
         width = max(self.mask.shape[1], other.mask.shape[1])
@@ -574,7 +578,7 @@ class TokenLoop:
         prompts = [row for req in joining for row in req.row_prompts()]
         lengths = [len(p) for p, _ in prompts]
         if rows is not None:
-            rows.mask = torch.cat([rows.mask, rows.mask.new_ones((r, 1))], dim=1)
+            rows.attend_new_token()
         ids = torch.tensor(tokens + [t for p, _ in prompts for t in p])[None]
         starts = [rows.next_pos] if rows is not None else []
         positions = torch.cat([*starts, *(torch.arange(n) for n in lengths)])[None]
@@ -583,7 +587,7 @@ class TokenLoop:
         step = ragged.RaggedStep(rows.cache if rows is not None else None, rows.mask if rows is not None else None,
                                  lengths)  # fmt: skip
         assert self._ragged is not None and self._ragged[1] is not None
-        with ragged.ragged(self.model, step, self._ragged[1]):
+        with ragged.ragged(step, self._ragged[1]):
             out = self._forward(adapters, [1] * r + lengths, input_ids=ids, position_ids=positions,
                                 logits_to_keep=last, **kv(step))  # fmt: skip
         logp = F.log_softmax(out.logits[0].float(), dim=-1)
@@ -630,7 +634,7 @@ class TokenLoop:
         if self.rows is None:
             return
         rows = self.rows
-        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows), 1))], dim=1)
+        rows.attend_new_token()
         out = self._forward(rows.adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=rows.mask,
                             position_ids=rows.next_pos[:, None], **kv(rows.cache))  # fmt: skip
         rows.cache, rows.next_pos = cache_of(out), rows.next_pos + 1

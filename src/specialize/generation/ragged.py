@@ -1,11 +1,11 @@
 """One forward over a ragged batch: the running rows' next tokens and the prompts of requests joining them.
 
-A request that joins a running batch used to be prefilled in a forward of its own. On a CPU that forward costs far
-more than its prompt's compute: every weight is read again and every eager op runs again (docs/benchmarks.md: a
-join of ~67 prompt tokens took 250 ms beside 113 ms decode steps of 8 rows on a 2-core AVX2 CPU). Here the joining
-prompts ride in the decode step's forward instead, as vLLM's chunked prefill does: the R running rows' tokens and
-the J prompts are laid end to end as one sequence [1, R + sum(n_j)], so every linear layer runs once over all of
-them (each weight read once), and only attention is done per group:
+A request that joins a running batch used to be prefilled in a forward of its own, and the running rows then paid
+for a decode forward besides (docs/benchmarks.md: a join of ~67 prompt tokens took 270 ms, mostly its prompt's
+compute, beside 126 ms decode steps of 8 rows on a 2-core AVX2 CPU). Here the joining prompts ride in the decode
+step's forward instead, as vLLM's chunked prefill does: the R running rows' tokens and the J prompts are laid end
+to end as one sequence [1, R + sum(n_j)], so every linear layer runs once over all of them (each weight read once;
+the join costs about its prompt's forward and the decode step comes free), and only attention is done per group:
 
 - the running rows attend to their own KV cache (left-padded, with its padding mask), to which their new keys
   and values are appended (`GrowingLayer`, in place);
@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 
+from specialize.generation.kvcache import cache_layers
+
 ATTENTION = "specialize_ragged"
 # model types checked to compute attention only through the configured attention function and keep one full-
 # attention cache layer per decoder layer (sliding windows excluded by `supports`)
@@ -42,6 +44,7 @@ _STEP: ContextVar[RaggedStep | None] = ContextVar("specialize_ragged_step", defa
 
 
 def supports(model: Any) -> bool:
+    """Whether `model`'s family is one this module computes exactly (`SUPPORTED`, no sliding-window layers)."""
     config = model.config
     if getattr(config, "model_type", None) not in SUPPORTED:
         return False
@@ -59,43 +62,38 @@ class RaggedStep:
         self.mask = None if mask is None else mask.bool()[:, None, None, :]
         self.lengths = list(lengths)
         self.joined = [DynamicCache() for _ in self.lengths]
-        self._kv: dict[int, tuple[Any, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        """Route one layer's new keys/values [1, heads, N, dim] to the running rows' cache and the prompts' own;
-        the attention function reads them back from here."""
+        """Append one layer's new keys/values [1, heads, N, dim] to the running rows' cache and the prompts' own;
+        the attention function reads them from those caches."""
         k, v = keys[0], values[0]
         r = self.rows
-        running = None
         if r:
-            running = self.running.update(k[:, :r].transpose(0, 1)[:, :, None], v[:, :r].transpose(0, 1)[:, :, None],
-                                          layer_idx)  # fmt: skip
-        prompts, start = [], r
+            self.running.update(k[:, :r].transpose(0, 1)[:, :, None], v[:, :r].transpose(0, 1)[:, :, None], layer_idx)
+        start = r
         for cache, n in zip(self.joined, self.lengths, strict=True):
-            kj, vj = k[None, :, start : start + n], v[None, :, start : start + n]
-            cache.update(kj, vj, layer_idx)
-            prompts.append((kj, vj))
+            cache.update(k[None, :, start : start + n], v[None, :, start : start + n], layer_idx)
             start += n
-        self._kv[layer_idx] = (running, prompts)
         return keys, values
 
     def attend(self, layer_idx: int, query: torch.Tensor, scale: float | None) -> torch.Tensor:
         """Attention output [1, N, heads, dim] for query [1, heads, N, dim]."""
-        running, prompts = self._kv.pop(layer_idx)
         q = query[0]
         r = self.rows
         outs = []
         if r:
-            keys, values = running
+            layer = cache_layers(self.running)[layer_idx]
+            keys, values = layer.keys, layer.values
             assert self.mask is not None
             self.mask = self.mask.to(keys.device)  # the loop keeps masks on the CPU; a no-op after the first layer
             out = F.scaled_dot_product_attention(q[:, :r].transpose(0, 1)[:, :, None], keys, values,
                                                  attn_mask=self.mask, scale=scale, enable_gqa=True)  # fmt: skip
             outs.append(out[:, :, 0])  # [R, heads, dim]
         start = r
-        for (kj, vj), n in zip(prompts, self.lengths, strict=True):
-            out = F.scaled_dot_product_attention(q[None, :, start : start + n], kj, vj, is_causal=True, scale=scale,
-                                                 enable_gqa=True)  # fmt: skip
+        for cache, n in zip(self.joined, self.lengths, strict=True):
+            layer = cache_layers(cache)[layer_idx]
+            out = F.scaled_dot_product_attention(q[None, :, start : start + n], layer.keys, layer.values,
+                                                 is_causal=True, scale=scale, enable_gqa=True)  # fmt: skip
             outs.append(out[0].transpose(0, 1))  # [n, heads, dim]
             start += n
         return torch.cat(outs)[None]
@@ -122,9 +120,9 @@ def model_configs(model: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def ragged(model: Any, step: RaggedStep, configs: Sequence[Any] | None = None) -> Iterator[None]:
-    """The model computes attention with `step` for one forward (its configs name `ATTENTION` meanwhile)."""
-    configs = list(configs) if configs is not None else model_configs(model)
+def ragged(step: RaggedStep, configs: Sequence[Any]) -> Iterator[None]:
+    """A model computes attention with `step` for one forward: its `configs` (`model_configs`) name `ATTENTION`
+    meanwhile."""
     before = [c._attn_implementation for c in configs]
     token = _STEP.set(step)
     try:
