@@ -7,7 +7,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from specialize.generation import Request, SamplingParams, TokenLoop
-from specialize.generation.kvcache import ROOM, GrowingLayer, growing
+from specialize.generation.kvcache import ROOM, GrowingLayer, growing, join_rows, keep_rows
 from specialize.models import Precision
 
 FP32 = Precision(torch.float32, None)
@@ -40,7 +40,7 @@ def test_appending_equals_concatenation_and_reuses_the_buffer_until_it_is_full()
 
 
 def test_tensors_the_loop_assigns_replace_the_buffer():
-    """`_Rows.keep` / `merge` / `pad_left` assign new keys and values (rows leaving, joining, padded)."""
+    """Keys and values assigned from outside (not by `update`) are taken as the cache."""
     layer = GrowingLayer()
     layer.update(*_states(3, 6, 0))
     layer.update(*_states(3, 1, 1))
@@ -50,6 +50,50 @@ def test_tensors_the_loop_assigns_replace_the_buffer():
     keys, values = layer.update(k, v)
     assert torch.equal(keys, torch.cat([kept_keys, k], dim=2))
     assert torch.equal(values, torch.cat([kept_values, v], dim=2))
+
+
+def _filled(rows: int, length: int, seed: int) -> GrowingLayer:
+    layer = GrowingLayer()
+    layer.update(*_states(rows, length, seed))
+    return layer
+
+
+def _grows_in_place(layer: GrowingLayer) -> None:
+    """The next decode step appends into the layer's buffer and sees the cache it held before."""
+    before_keys, before_values = layer.keys.clone(), layer.values.clone()
+    storage = layer.keys.untyped_storage().data_ptr()
+    k, v = _states(layer.keys.shape[0], 1, 99)
+    keys, values = layer.update(k, v)
+    assert keys.untyped_storage().data_ptr() == storage
+    assert torch.equal(keys, torch.cat([before_keys, k], 2)) and torch.equal(values, torch.cat([before_values, v], 2))
+
+
+def test_joining_groups_are_left_padded_into_one_buffer_that_grows_in_place():
+    groups = [_filled(2, 5, 0), _filled(1, 9, 1), _filled(3, 7, 2)]
+    parts = [(g.keys.clone(), g.values.clone()) for g in groups]
+    join_rows(groups, 9)
+    first = groups[0]
+    assert first.keys.shape == (6, 2, 9, 4)
+    row = 0
+    for keys, values in parts:
+        n, length = keys.shape[0], keys.shape[2]
+        for mine, theirs in ((first.keys, keys), (first.values, values)):
+            assert torch.equal(mine[row : row + n, :, 9 - length :], theirs)
+            assert not mine[row : row + n, :, : 9 - length].any()  # zeros before, not uninitialized memory
+        row += n
+    _grows_in_place(first)
+
+
+def test_rows_that_stay_are_gathered_into_a_buffer_that_grows_in_place():
+    layer = _filled(4, 8, 0)
+    keys, values = layer.keys.clone(), layer.values.clone()
+    keep_rows(layer, torch.tensor([3, 1]), 2)
+    assert torch.equal(layer.keys, keys[[3, 1], :, 2:]) and torch.equal(layer.values, values[[3, 1], :, 2:])
+    _grows_in_place(layer)
+    plain = DynamicLayer()
+    plain.update(keys, values)
+    keep_rows(plain, torch.tensor([0, 2]), 0)  # any other layer kind: the rows indexed, nothing more
+    assert torch.equal(plain.keys, keys[[0, 2]])
 
 
 def test_growing_converts_only_full_attention_layers():

@@ -7,11 +7,12 @@ pages that fault on first touch. At 8 rows over a 3,000-token context that copy 
 step on a 2-core CPU (docs/benchmarks.md, "KV cache grown in place"). `GrowingLayer` keeps each layer's keys and
 values in a buffer with room for more tokens and writes a step's into it in place; what attention reads is a view
 of the filled part. Reallocation happens only when the room runs out (by a quarter of the length, at least `ROOM`
-tokens) or when the loop has replaced the tensors (rows joining, leaving or padded: `merge`, `keep` and
-`pad_left` assign new ones, which the next `update` copies into a new buffer)."""
+tokens), when rows join or leave (`join_rows`, `keep_rows`: one copy into new buffers with room), or when
+something else has assigned the layer new tensors (the next `update` copies them into a new buffer)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,14 +28,50 @@ def cache_layers(cache: Any) -> list[Any]:
     return layers
 
 
-def pad_left(cache: Any, width: int) -> None:
-    """Left-pad every layer's keys and values with zeros to `width` positions."""
-    for layer in cache_layers(cache):
-        for name in ("keys", "values"):
-            t = getattr(layer, name)
-            if t.shape[2] < width:
-                pad = t.new_zeros((*t.shape[:2], width - t.shape[2], t.shape[3]))
-                setattr(layer, name, torch.cat([pad, t], dim=2))
+def join_rows(layers: Sequence[Any], width: int) -> None:
+    """Make `layers[0]` hold the rows of all `layers` (one cache layer of each group of rows joining a batch), each
+    group's positions right-aligned over `width` columns and the columns before them zeros. One new tensor per
+    keys and values, with room to grow when `layers[0]` grows in place: a join costs one copy of the cache, however
+    many groups join and whatever their widths."""
+    first = layers[0]
+    capacity = _capacity(width) if isinstance(first, GrowingLayer) else width
+    out = []
+    for parts in ([la.keys for la in layers], [la.values for la in layers]):
+        dest = parts[0].new_empty((sum(p.shape[0] for p in parts), parts[0].shape[1], capacity, parts[0].shape[3]))
+        row = 0
+        for p in parts:
+            pad = width - p.shape[2]
+            dest[row : row + p.shape[0], :, :pad].zero_()  # padding columns: masked, but never NaN garbage
+            dest[row : row + p.shape[0], :, pad:width] = p
+            row += p.shape[0]
+        out.append(dest)
+    _hold(first, out[0], out[1], width)
+
+
+def keep_rows(layer: Any, index: torch.Tensor, start: int) -> None:
+    """Only the rows at `index`, from column `start` on: one gather into a new tensor (with room to grow when the
+    layer grows in place)."""
+    width = layer.keys.shape[2] - start
+    if not isinstance(layer, GrowingLayer):
+        layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        return
+    capacity = _capacity(width)
+    keys, values = (t.new_empty((len(index), t.shape[1], capacity, t.shape[3])) for t in (layer.keys, layer.values))
+    torch.index_select(layer.keys[:, :, start:], 0, index, out=keys[:, :, :width])
+    torch.index_select(layer.values[:, :, start:], 0, index, out=values[:, :, :width])
+    _hold(layer, keys, values, width)
+
+
+def _capacity(length: int) -> int:
+    return length + max(length // 4, ROOM)
+
+
+def _hold(layer: Any, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+    """Give `layer` buffers whose first `length` positions are its cache (a `GrowingLayer` writes on after them)."""
+    layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
+    if isinstance(layer, GrowingLayer):
+        layer._key_buffer, layer._value_buffer = keys, values
+        layer._views = (layer.keys, layer.values)
 
 
 class GrowingLayer(DynamicLayer):
@@ -54,7 +91,7 @@ class GrowingLayer(DynamicLayer):
         length = self.keys.shape[-2] if self.keys.numel() else 0
         end = length + key_states.shape[-2]
         if not ours or self._key_buffer is None or end > self._key_buffer.shape[-2]:
-            capacity = end + max(end // 4, ROOM)
+            capacity = _capacity(end)
             self._key_buffer = _buffer(self.keys, length, key_states, capacity)
             self._value_buffer = _buffer(self.values, length, value_states, capacity)
         assert self._key_buffer is not None and self._value_buffer is not None

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from specialize.generation import ragged
-from specialize.generation.kvcache import GrowingLayer, cache_layers, growing, pad_left
+from specialize.generation.kvcache import GrowingLayer, cache_layers, growing, join_rows, keep_rows
 from specialize.generation.lora import NO_ADAPTER as PEFT_BASE
 from specialize.generation.lora import StackedLoRA, adapters_off, tuner_layers
 from specialize.generation.params import SamplingParams
@@ -220,6 +220,11 @@ class Request:
         return sum(len(c) for c, _ in self.row_prompts()) + self.n_rows * self.params.max_new_tokens
 
 
+def rows_of(requests: Sequence[Request]) -> list[tuple[list[int], str | None]]:
+    """(prompt, adapter) of every row of `requests`, in batch order."""
+    return [row for r in requests for row in r.row_prompts()]
+
+
 def split_waiting(
     waiting: deque[Request], only: Callable[[Request], bool] | None
 ) -> tuple[deque[Request], list[Request]]:
@@ -259,20 +264,19 @@ class _Rows:
         """The mask's column for the token every row is about to feed."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
 
-    def merge(self, other: _Rows) -> None:
-        """Append `other`'s rows (their cache left-padded, or ours, to the same width)."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        for rows in (self, other):
-            pad_left(rows.cache, width)
-            if rows.mask.shape[1] < width:
-                rows.mask = torch.cat([rows.mask.new_zeros((len(rows), width - rows.mask.shape[1])), rows.mask], 1)
-        for mine, theirs in zip(cache_layers(self.cache), cache_layers(other.cache), strict=True):
-            mine.keys = torch.cat([mine.keys, theirs.keys])
-            mine.values = torch.cat([mine.values, theirs.values])
-        self.mask = torch.cat([self.mask, other.mask])
-        self.next_pos = torch.cat([self.next_pos, other.next_pos])
-        self.logp = torch.cat([self.logp, other.logp])
-        self.adapters += other.adapters
+    def merge(self, *others: _Rows) -> None:
+        """Append the rows of `others`, every group's cache left-padded to the widest (`kvcache.join_rows`: one
+        copy of the cache for all of them)."""
+        if not others:
+            return
+        groups = (self, *others)
+        width = max(g.mask.shape[1] for g in groups)
+        for layers in zip(*(cache_layers(g.cache) for g in groups), strict=True):
+            join_rows(layers, width)
+        self.mask = torch.cat([F.pad(g.mask, (width - g.mask.shape[1], 0)) for g in groups])
+        self.next_pos = torch.cat([g.next_pos for g in groups])
+        self.logp = torch.cat([g.logp for g in groups])
+        self.adapters = [a for g in groups for a in g.adapters]
 
     def keep(self, index: list[int]) -> None:
         """Only the rows at `index`, in that order; columns every remaining row pads are dropped."""
@@ -281,8 +285,7 @@ class _Rows:
         live = mask.any(dim=0).nonzero()
         start = int(live[0]) if len(live) else mask.shape[1]
         for layer in cache_layers(self.cache):
-            layer.keys = layer.keys[idx.to(layer.keys.device), :, start:]
-            layer.values = layer.values[idx.to(layer.values.device), :, start:]
+            keep_rows(layer, idx.to(layer.keys.device), start)
         self.mask = mask[:, start:]
         self.next_pos = self.next_pos[idx]
         self.logp = self.logp[idx]
@@ -516,7 +519,7 @@ class TokenLoop:
             if self._fuses(taken):
                 self.joining = taken
                 return
-            prompts = [row for r in taken for row in r.row_prompts()]
+            prompts = rows_of(taken)
             buckets = []
             for index in length_buckets([len(p) for p, _ in prompts]):
                 ids, mask = left_pad([prompts[i][0] for i in index], self.pad)
@@ -538,8 +541,7 @@ class TokenLoop:
         if len(job.done) < len(job.buckets):
             return
         new = job.done[0]
-        for rows in job.done[1:]:
-            new.merge(rows)
+        new.merge(*job.done[1:])
         order = [i for bucket in job.buckets for i in bucket.index]  # row i of the job sits at order.index(i)
         where = {row: pos for pos, row in enumerate(order)}
         if order != sorted(order):
@@ -557,7 +559,7 @@ class TokenLoop:
         token (the stacked LoRA path)."""
         if not (self.fused_prefill and self.policy == "continuous" and self.rows is not None):
             return False
-        prompts = [row for r in taken for row in r.row_prompts()]
+        prompts = rows_of(taken)
         if sum(len(p) for p, _ in prompts) > self.prefill_tokens:
             return False
         if self._ragged is None or self._ragged[0] != id(self.model):
@@ -575,7 +577,7 @@ class TokenLoop:
         then join the batch."""
         rows = self.rows
         r = len(rows) if rows is not None else 0
-        prompts = [row for req in joining for row in req.row_prompts()]
+        prompts = rows_of(joining)
         lengths = [len(p) for p, _ in prompts]
         if rows is not None:
             rows.attend_new_token()
@@ -594,13 +596,12 @@ class TokenLoop:
         if rows is not None:
             rows.next_pos, rows.logp = rows.next_pos + 1, logp[:r]
             self.stats["decode_rows"] += r
-        for j, ((p, adapter), cache) in enumerate(zip(prompts, step.joined, strict=True)):
-            new = _Rows(growing(cache), torch.ones((1, len(p)), dtype=torch.long), torch.tensor([len(p)]),
-                        logp[r + j : r + j + 1], [adapter])  # fmt: skip
-            if self.rows is None:
-                self.rows = new
-            else:
-                self.rows.merge(new)
+        joined = [_Rows(growing(cache), torch.ones((1, len(p)), dtype=torch.long), torch.tensor([len(p)]),
+                        logp[r + j : r + j + 1], [adapter])
+                  for j, ((p, adapter), cache) in enumerate(zip(prompts, step.joined, strict=True))]  # fmt: skip
+        if self.rows is None:
+            self.rows, joined = joined[0], joined[1:]
+        self.rows.merge(*joined)
         self.running += joining
         self.stats["prefill_tokens"] += sum(lengths)
         self.stats["joined_in_decode"] += len(joining)
