@@ -84,6 +84,19 @@ def test_joining_groups_are_left_padded_into_one_buffer_that_grows_in_place():
     _grows_in_place(first)
 
 
+def test_joining_groups_can_be_put_in_any_row_order_in_the_same_copy():
+    """Length buckets prefill a job's rows out of request order; the join puts them back."""
+    plain = [_filled(2, 5, 0), _filled(1, 9, 1), _filled(3, 7, 2)]
+    placed = [_filled(2, 5, 0), _filled(1, 9, 1), _filled(3, 7, 2)]
+    join_rows(plain, 9)
+    places = torch.tensor([4, 0, 5, 2, 1, 3])  # the j-th row (groups in order) goes to row places[j]
+    join_rows(placed, 9, places)
+    inverse = torch.argsort(places)
+    assert torch.equal(placed[0].keys, plain[0].keys[inverse])
+    assert torch.equal(placed[0].values, plain[0].values[inverse])
+    _grows_in_place(placed[0])
+
+
 def test_rows_that_stay_are_gathered_into_a_buffer_that_grows_in_place():
     layer = _filled(4, 8, 0)
     keys, values = layer.keys.clone(), layer.values.clone()

@@ -28,11 +28,12 @@ def cache_layers(cache: Any) -> list[Any]:
     return layers
 
 
-def join_rows(layers: Sequence[Any], width: int) -> None:
+def join_rows(layers: Sequence[Any], width: int, places: torch.Tensor | None = None) -> None:
     """Make `layers[0]` hold the rows of all `layers` (one cache layer of each group of rows joining a batch), each
-    group's positions right-aligned over `width` columns and the columns before them zeros. One new tensor per
-    keys and values, with room to grow when `layers[0]` grows in place: a join costs one copy of the cache, however
-    many groups join and whatever their widths."""
+    group's positions right-aligned over `width` columns and the columns before them zeros. `places[j]`: where the
+    j-th of the groups' rows, counted in order, goes (default: where it comes). One new tensor per keys and values,
+    with room to grow when `layers[0]` grows in place: a join costs one copy of the cache, however many groups join,
+    whatever their widths and order."""
     first = layers[0]
     capacity = _capacity(width) if isinstance(first, GrowingLayer) else width
     out = []
@@ -40,10 +41,14 @@ def join_rows(layers: Sequence[Any], width: int) -> None:
         dest = parts[0].new_empty((sum(p.shape[0] for p in parts), parts[0].shape[1], capacity, parts[0].shape[3]))
         row = 0
         for p in parts:
-            pad = width - p.shape[2]
-            dest[row : row + p.shape[0], :, :pad].zero_()  # padding columns: masked, but never NaN garbage
-            dest[row : row + p.shape[0], :, pad:width] = p
-            row += p.shape[0]
+            pad, n = width - p.shape[2], p.shape[0]
+            if places is None:
+                dest[row : row + n, :, :pad].zero_()  # padding columns: masked, but never NaN garbage
+                dest[row : row + n, :, pad:width] = p
+            else:
+                dest[:, :, :pad].index_fill_(0, places[row : row + n], 0)
+                dest[:, :, pad:width].index_copy_(0, places[row : row + n], p)
+            row += n
         out.append(dest)
     _hold(first, out[0], out[1], width)
 
@@ -97,8 +102,7 @@ class GrowingLayer(DynamicLayer):
         assert self._key_buffer is not None and self._value_buffer is not None
         self._key_buffer[:, :, length:end] = key_states
         self._value_buffer[:, :, length:end] = value_states
-        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
-        self._views = (self.keys, self.values)
+        _hold(self, self._key_buffer, self._value_buffer, end)
         return self.keys, self.values
 
 

@@ -264,19 +264,28 @@ class _Rows:
         """The mask's column for the token every row is about to feed."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self), 1))], dim=1)
 
-    def merge(self, *others: _Rows) -> None:
+    def merge(self, *others: _Rows, order: Sequence[int] | None = None) -> None:
         """Append the rows of `others`, every group's cache left-padded to the widest (`kvcache.join_rows`: one
-        copy of the cache for all of them)."""
-        if not others:
+        copy of the cache for all of them). `order[j]`: the batch row that the j-th of all rows, ours first, becomes
+        (default: rows stay in that order)."""
+        if order is not None and list(order) == sorted(order):
+            order = None
+        if not others and order is None:
             return
         groups = (self, *others)
         width = max(g.mask.shape[1] for g in groups)
+        places = None if order is None else torch.tensor(order, dtype=torch.long)
         for layers in zip(*(cache_layers(g.cache) for g in groups), strict=True):
-            join_rows(layers, width)
-        self.mask = torch.cat([F.pad(g.mask, (width - g.mask.shape[1], 0)) for g in groups])
-        self.next_pos = torch.cat([g.next_pos for g in groups])
-        self.logp = torch.cat([g.logp for g in groups])
-        self.adapters = [a for g in groups for a in g.adapters]
+            join_rows(layers, width, None if places is None else places.to(layers[0].keys.device))
+        mask = torch.cat([F.pad(g.mask, (width - g.mask.shape[1], 0)) for g in groups])
+        next_pos = torch.cat([g.next_pos for g in groups])
+        logp = torch.cat([g.logp for g in groups])
+        adapters = [a for g in groups for a in g.adapters]
+        if places is not None:  # row places[j] is the j-th row: read the j-th row's data at the inverse
+            inverse = torch.argsort(places)
+            mask, next_pos, logp = mask[inverse], next_pos[inverse], logp[inverse.to(logp.device)]
+            adapters = [adapters[i] for i in inverse.tolist()]
+        self.mask, self.next_pos, self.logp, self.adapters = mask, next_pos, logp, adapters
 
     def keep(self, index: list[int]) -> None:
         """Only the rows at `index`, in that order; columns every remaining row pads are dropped."""
@@ -540,16 +549,11 @@ class TokenLoop:
         job.done.append(_Rows(b.cache, b.mask, b.mask.sum(-1), F.log_softmax(b.last.float(), -1), b.adapters))
         if len(job.done) < len(job.buckets):
             return
-        new = job.done[0]
-        new.merge(*job.done[1:])
-        order = [i for bucket in job.buckets for i in bucket.index]  # row i of the job sits at order.index(i)
-        where = {row: pos for pos, row in enumerate(order)}
-        if order != sorted(order):
-            new.keep([where[i] for i in range(len(order))])
-        if self.rows is None:
-            self.rows = new
-        else:
-            self.rows.merge(new)
+        # the running rows, then the buckets' rows put back in request order, all in one copy of the cache
+        ours = len(self.rows) if self.rows is not None else 0
+        groups = [g for g in (self.rows, *job.done) if g is not None]
+        groups[0].merge(*groups[1:], order=[*range(ours), *(ours + i for b in job.buckets for i in b.index)])
+        self.rows = groups[0]
         self.running += job.requests
         self.prefilling = None
 

@@ -58,6 +58,7 @@ class RaggedStep:
 
     def __init__(self, running: Any, mask: torch.Tensor | None, lengths: Sequence[int]):
         self.running = running
+        self.running_layers = cache_layers(running) if running is not None else []  # listed once, read per layer
         self.rows = 0 if mask is None else mask.shape[0]
         self.mask = None if mask is None else mask.bool()[:, None, None, :]
         self.lengths = list(lengths)
@@ -82,7 +83,7 @@ class RaggedStep:
         r = self.rows
         outs = []
         if r:
-            layer = cache_layers(self.running)[layer_idx]
+            layer = self.running_layers[layer_idx]
             keys, values = layer.keys, layer.values
             assert self.mask is not None
             self.mask = self.mask.to(keys.device)  # the loop keeps masks on the CPU; a no-op after the first layer
