@@ -4,11 +4,14 @@ that every consumer goes through it."""
 from __future__ import annotations
 
 import ast
+import itertools
+import random
 from pathlib import Path
 
+import pytest
 import torch
 
-from specialize.generation import Output, Request, SamplingParams, TokenLoop, generate
+from specialize.generation import Output, Request, SamplingParams, TokenLoop, generate, ragged
 from specialize.generation.loop import TextStream, held_back, length_buckets
 from specialize.models import Precision
 from specialize.prompts import AlpacaTemplate
@@ -261,9 +264,14 @@ def test_length_buckets_bound_the_padding_and_keep_every_row():
     assert length_buckets([7, 7, 7]) == [[0, 1, 2]]  # equal lengths: one forward
 
 
-def test_rows_of_very_different_lengths_decode_as_each_alone(tiny_model, gpt2_style_tokenizer):
+@pytest.mark.parametrize("call_cost", [None, 0])
+def test_rows_of_very_different_lengths_decode_as_each_alone(tiny_model, gpt2_style_tokenizer, monkeypatch,
+                                                             call_cost):  # fmt: skip
     """Eq. 2 items whose contexts range from 3 to ~60 tokens are prefilled in several length buckets; the rows
-    come back in request order and each item decodes exactly what it decodes alone."""
+    come back in request order and each item decodes exactly what it decodes alone, with attention over the
+    padded width in one call or (call_cost 0) over each row's own columns in a call per row."""
+    if call_cost is not None:
+        monkeypatch.setattr(ragged, "CALL_COST", call_cost)
     tok = gpt2_style_tokenizer
     words = list("abcdefghijklmnopq")
     contexts = [[_ids(tok, " ".join(words[: 3 + (7 * i + 5 * j) % 16] * (1 + (i + j) % 4))) for j in range(3)]
@@ -278,6 +286,9 @@ def test_rows_of_very_different_lengths_decode_as_each_alone(tiny_model, gpt2_st
     together = [request(ctx) for ctx in contexts]
     loop = TokenLoop(tiny_model, tok, FP32, max_rows=12, prefill_tokens=4096)
     loop.submit(*together)
+    while loop.rows is None:  # one length bucket prefilled per step
+        loop.step()
+    assert len(loop.rows.groups()) == (12 if call_cost == 0 else 1)
     loop.run()
     for ctx, r in zip(contexts, together, strict=True):
         alone = request(ctx)
@@ -285,3 +296,23 @@ def test_rows_of_very_different_lengths_decode_as_each_alone(tiny_model, gpt2_st
         one.submit(alone)
         one.run()
         assert r.result.token_ids == alone.result.token_ids
+
+
+def test_column_groups_read_the_fewest_columns_and_cover_every_row():
+    """The groups are the cheapest split into consecutive rows (checked against every split of small cases), each
+    over the columns its longest row fills."""
+    rng = random.Random(0)
+    for _ in range(200):
+        n, width, cost = rng.randint(1, 7), 600, rng.choice([0, 50, 512])
+        lengths = [rng.randint(1, width) for _ in range(n)]
+        groups = ragged.column_groups(lengths, width, cost)
+        assert [a for a, _, _ in groups] == [0, *(b for _, b, _ in groups[:-1])] and groups[-1][1] == n
+        assert all(c == width - max(lengths[a:b]) for a, b, c in groups)
+        brute = min(
+            sum((b - a) * max(lengths[a:b]) + cost for a, b in itertools.pairwise([0, *cuts, n]))
+            for k in range(n)
+            for cuts in itertools.combinations(range(1, n), k)
+        )
+        assert sum((b - a) * max(lengths[a:b]) + cost for a, b, _ in groups) == brute
+    # one long row among short ones attends alone; the short ones do not read its padding
+    assert ragged.column_groups([500, 490, 20, 25, 30], 500) == [(0, 2, 0), (2, 5, 470)]

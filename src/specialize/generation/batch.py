@@ -76,10 +76,12 @@ def generate_mixture(
     *,
     contrastive: float | None = None,
     precision: Precision | None = None,
-    batch_size: int = 64,
+    batch_size: int = 16,
 ) -> list[Output]:
     """One continuation per item from the weighted mixture of its contexts' next-token distributions (eq. 2);
     with `contrastive` (alpha), scored against the base model, the same weights with the adapter switched off
-    (eq. 3). `params` may give each item its own (its seed, say)."""
+    (eq. 3). `params` may give each item its own (its seed, say). `batch_size` counts items, as `generate`
+    counts prompts: up to that many decode at once, each with its k rows (2k with `contrastive`)."""
     requests = mixture_requests(contexts, weights, params, contrastive=contrastive)
-    return run_requests(model, tokenizer, requests, batch_size=batch_size, precision=precision)
+    rows = batch_size * max((r.n_rows for r in requests), default=1)
+    return run_requests(model, tokenizer, requests, batch_size=rows, precision=precision)

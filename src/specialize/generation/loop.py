@@ -256,9 +256,20 @@ class _Rows:
     next_pos: torch.Tensor  # [R]
     logp: torch.Tensor  # [R, V]
     adapters: list[str | None]
+    _groups: list[ragged.Group] | None = None
 
     def __len__(self) -> int:
         return len(self.adapters)
+
+    def groups(self) -> list[ragged.Group]:
+        """Consecutive rows that attend together over only the columns their longest row fills
+        (`ragged.column_groups`). Every row gains one column per step, so the groups hold until rows join or
+        leave."""
+        if self._groups is None:
+            width = self.mask.shape[1]
+            first = self.mask.int().argmax(-1)  # each row's first attended column (padding is on the left)
+            self._groups = ragged.column_groups((width - first).tolist(), width)
+        return self._groups
 
     def attend_new_token(self) -> None:
         """The mask's column for the token every row is about to feed."""
@@ -286,6 +297,7 @@ class _Rows:
             mask, next_pos, logp = mask[inverse], next_pos[inverse], logp[inverse.to(logp.device)]
             adapters = [adapters[i] for i in inverse.tolist()]
         self.mask, self.next_pos, self.logp, self.adapters = mask, next_pos, logp, adapters
+        self._groups = None
 
     def keep(self, index: list[int]) -> None:
         """Only the rows at `index`, in that order; columns every remaining row pads are dropped."""
@@ -299,6 +311,7 @@ class _Rows:
         self.next_pos = self.next_pos[idx]
         self.logp = self.logp[idx]
         self.adapters = [self.adapters[i] for i in index]
+        self._groups = None
 
 
 def length_buckets(lengths: Sequence[int], slack: float = 0.2) -> list[list[int]]:
@@ -559,19 +572,25 @@ class TokenLoop:
 
     def _fuses(self, taken: list[Request]) -> bool:
         """Whether requests joining the running batch are prefilled in its decode forward: their prompts fit one
-        step's budget, the model's family is one `ragged.py` supports, and every row's adapter can be applied per
-        token (the stacked LoRA path)."""
+        step's budget and the forward can be ragged (`_ragged_ok`)."""
         if not (self.fused_prefill and self.policy == "continuous" and self.rows is not None):
             return False
         prompts = rows_of(taken)
         if sum(len(p) for p, _ in prompts) > self.prefill_tokens:
             return False
+        return self._ragged_ok(self.rows.adapters + [a for _, a in prompts])
+
+    def _ragged_ok(self, adapters: list[str | None]) -> bool:
+        """Whether a forward over these rows can be ragged (`ragged.py`): the model's family is one it supports,
+        the running rows' cache grows in place, and every row's adapter can be applied per token (the stacked
+        LoRA path)."""
         if self._ragged is None or self._ragged[0] != id(self.model):
             supported = ragged.supports(self.model)
             self._ragged = (id(self.model), ragged.model_configs(self.model) if supported else None)
-        if self._ragged[1] is None or not all(type(la) is GrowingLayer for la in cache_layers(self.rows.cache)):
+        if self._ragged[1] is None:
             return False
-        adapters = self.rows.adapters + [a for _, a in prompts]
+        if self.rows is not None and not all(type(la) is GrowingLayer for la in cache_layers(self.rows.cache)):
+            return False
         if not hasattr(self.model, "peft_config") or all(a is None for a in adapters):
             return True
         return all(a == PEFT_BASE for a in adapters) or self._stacked() is not None  # as `_adapter_kwargs` decides
@@ -591,7 +610,7 @@ class TokenLoop:
         last = torch.tensor([*range(r), *(r + e - 1 for e in itertools.accumulate(lengths))])  # logits kept
         adapters = (rows.adapters if rows is not None else []) + [a for _, a in prompts]
         step = ragged.RaggedStep(rows.cache if rows is not None else None, rows.mask if rows is not None else None,
-                                 lengths)  # fmt: skip
+                                 lengths, rows.groups() if rows is not None else None)  # fmt: skip
         assert self._ragged is not None and self._ragged[1] is not None
         with ragged.ragged(step, self._ragged[1]):
             out = self._forward(adapters, [1] * r + lengths, input_ids=ids, position_ids=positions,
@@ -639,6 +658,9 @@ class TokenLoop:
         if self.rows is None:
             return
         rows = self.rows
+        if self._ragged_ok(rows.adapters):  # attention reads only the columns each group of rows needs
+            self._ragged_forward(tokens, [])
+            return
         rows.attend_new_token()
         out = self._forward(rows.adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=rows.mask,
                             position_ids=rows.next_pos[:, None], **kv(rows.cache))  # fmt: skip
