@@ -1,6 +1,7 @@
 """Decode steps over rows of very different lengths, side by side in one run: attention over the whole left-padded
-width in one call per layer vs rows grouped so that each group reads only the columns its longest row fills
-(`generation.ragged.column_groups`).
+width in one call per layer (one group: the plain decode forward, transformers' attention, as before groups) vs
+rows grouped so that each group reads only the columns its longest row fills (`generation.ragged.column_groups`,
+a ragged step).
 
 For each case (one long row of L tokens among R - 1 short rows of S tokens, as a long request beside short ones
 in the server; and eq. 2's rows of five retrieved documents of mixed lengths is its own case in

@@ -10,7 +10,8 @@ the join costs about its prompt's forward and the decode step comes free), and o
 - the running rows attend to their own KV cache (left-padded, with its padding mask), to which their new keys
   and values are appended (`GrowingLayer`, in place); consecutive rows of similar length attend together over
   only the columns their longest row fills (`column_groups`), so that one long row does not make every row read
-  its width of padding;
+  its width of padding (a decode step with no prompt joining is ragged for that reason alone, when the rows
+  split into more than one group);
 - each joining prompt attends causally to its own tokens, which become its new cache.
 
 transformers computes everything else (embeddings, RoPE from the given positions, norms, MLP, LoRA through
