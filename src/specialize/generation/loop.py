@@ -286,8 +286,10 @@ class _Rows:
         groups = (self, *others)
         width = max(g.mask.shape[1] for g in groups)
         places = None if order is None else torch.tensor(order, dtype=torch.long)
-        for layers in zip(*(cache_layers(g.cache) for g in groups), strict=True):
-            join_rows(layers, width, None if places is None else places.to(layers[0].keys.device))
+        layer_lists = [cache_layers(g.cache) for g in groups]
+        cache_places = None if places is None else places.to(layer_lists[0][0].keys.device)  # once, not per layer
+        for layers in zip(*layer_lists, strict=True):
+            join_rows(layers, width, cache_places)
         mask = torch.cat([F.pad(g.mask, (width - g.mask.shape[1], 0)) for g in groups])
         next_pos = torch.cat([g.next_pos for g in groups])
         logp = torch.cat([g.logp for g in groups])
@@ -610,7 +612,7 @@ class TokenLoop:
         last = torch.tensor([*range(r), *(r + e - 1 for e in itertools.accumulate(lengths))])  # logits kept
         adapters = (rows.adapters if rows is not None else []) + [a for _, a in prompts]
         step = ragged.RaggedStep(rows.cache if rows is not None else None, rows.mask if rows is not None else None,
-                                 lengths, rows.groups() if rows is not None else None)  # fmt: skip
+                                 rows.groups() if rows is not None else [], lengths)  # fmt: skip
         assert self._ragged is not None and self._ragged[1] is not None
         with ragged.ragged(step, self._ragged[1]):
             out = self._forward(adapters, [1] * r + lengths, input_ids=ids, position_ids=positions,

@@ -63,16 +63,16 @@ def supports(model: Any) -> bool:
 
 class RaggedStep:
     """The KV cache of one ragged forward. `running`: the running rows' cache (None when no row runs), `mask`:
-    their attention mask including the new token [R, T + 1]; `lengths`: the joining prompts' token counts, each
-    prompt starting at position 0. After the forward, `joined[j]` is prompt j's cache."""
+    their attention mask including the new token [R, T + 1]; `groups`: the rows' column groups (`column_groups`;
+    empty when no row runs); `lengths`: the joining prompts' token counts, each prompt starting at position 0.
+    After the forward, `joined[j]` is prompt j's cache."""
 
-    def __init__(self, running: Any, mask: torch.Tensor | None, lengths: Sequence[int],
-                 groups: Sequence[Group] | None = None):  # fmt: skip
+    def __init__(self, running: Any, mask: torch.Tensor | None, groups: Sequence[Group], lengths: Sequence[int]):
         self.running = running
         self.running_layers = cache_layers(running) if running is not None else []  # listed once, read per layer
         self.rows = 0 if mask is None else mask.shape[0]
         self.mask = None if mask is None else mask.bool()[:, None, None, :]
-        self.groups = list(groups) if groups is not None else [(0, self.rows, 0)] if self.rows else []
+        self.groups = list(groups)
         self.lengths = list(lengths)
         self.joined = [DynamicCache() for _ in self.lengths]
 
