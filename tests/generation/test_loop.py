@@ -298,6 +298,36 @@ def test_rows_of_very_different_lengths_decode_as_each_alone(tiny_model, gpt2_st
         assert r.result.token_ids == alone.result.token_ids
 
 
+def test_offline_prefill_forwards_are_cut_to_forward_tokens_and_decode_the_same(
+    tiny_model, gpt2_style_tokenizer, monkeypatch
+):
+    """Offline generation admits the whole batch with a budget of all its prompt tokens; each prefill forward
+    still feeds at most `FORWARD_TOKENS` (past it element-wise activations leave the CPU's caches), prompts longer
+    than a forward's share in column chunks, and every token equals the uncut prefill."""
+    from specialize.generation import loop as loop_module
+
+    tok = gpt2_style_tokenizer
+    prompts = [AlpacaTemplate().render(p) for p in ("Why is the sky blue on clear days?", "Hi", "List three", "Ok")]
+    params = SamplingParams(max_new_tokens=6)
+    whole = generate(tiny_model, tok, prompts, AlpacaTemplate(), params, precision=FP32)
+    fed: list[int] = []  # the tokens of each prefill forward (decode forwards feed one column)
+
+    def record(_module, _args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            fed.append(kwargs["input_ids"].numel())
+
+    hook = tiny_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        monkeypatch.setattr(loop_module, "FORWARD_TOKENS", 24)
+        fed.clear()
+        cut = generate(tiny_model, tok, prompts, AlpacaTemplate(), params, precision=FP32)
+    finally:
+        hook.remove()
+    longest = max(len(_ids(tok, p)) for p in prompts)
+    assert longest > 24 and fed and max(fed) <= 24  # the longest prompt alone needs more than one forward
+    assert [o.token_ids for o in cut] == [o.token_ids for o in whole]
+
+
 def test_column_groups_read_the_fewest_columns_and_cover_every_row():
     """The groups are the cheapest split into consecutive rows (checked against every split of small cases), each
     over the columns its longest row fills."""

@@ -19,7 +19,8 @@ def run_requests(
     """Decode every request to the end on one loop of at most `batch_size` rows; outputs in input order."""
     width = max((len(c) for r in requests for c in r.contexts), default=1)
     rows = max(batch_size, *(r.n_rows for r in requests)) if requests else batch_size
-    # offline, no one waits on a running row: prefill a whole batch of prompts in one forward
+    # offline, no one waits on a running row: admit a whole batch of prompts at once (its prefill forwards are
+    # still cut to `loop.FORWARD_TOKENS` tokens each)
     loop = TokenLoop(model, tokenizer, precision, max_rows=rows, prefill_tokens=max(512, rows * width))
     loop.submit(*sorted(requests, key=lambda r: max(len(c) for c in r.contexts)))
     loop.run()

@@ -43,6 +43,13 @@ from specialize.generation.lora import StackedLoRA, adapters_off, tuner_layers
 from specialize.generation.params import SamplingParams
 from specialize.models import Precision, attach_adapters, cache_of, inference_mode, kv, pack_linears
 
+# Prompt tokens one prefill forward feeds at most, however large the step's budget: offline generation admits a whole
+# batch at once with a budget of all its prompt tokens, and its length buckets would otherwise be prefilled in
+# forwards of ~13,000 tokens (eq. 2's 80 contexts), whose element-wise activations (SiLU, gate*up, RMSNorm, RoPE)
+# no longer stay in the CPU's caches. Cut to this size, that prefill ran ~1.15x as fast, the whole eq. 2 run 1.04x
+# (benchmarks/prefill_chunks.py, docs/benchmarks.md); it also bounds a prefill's activation memory.
+FORWARD_TOKENS = 4096
+
 FinishReason = Literal["stop", "length", "cancelled"]
 Policy = Literal["continuous", "static", "per_adapter"]
 LoraPath = Literal["stacked", "peft"]  # batched LoRA over stacked adapter weights, or PEFT's per-adapter loop
@@ -552,7 +559,7 @@ class TokenLoop:
         job = self.prefilling
         b = job.buckets[len(job.done)]
         n_rows, width = b.ids.shape
-        cols = max(1, self.prefill_tokens // n_rows)
+        cols = max(1, min(self.prefill_tokens, FORWARD_TOKENS) // n_rows)
         lo, hi = b.cols, min(b.cols + cols, width)
         positions = (b.mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(b.adapters, input_ids=b.ids[:, lo:hi], attention_mask=b.mask[:, :hi],
@@ -578,7 +585,7 @@ class TokenLoop:
         if not (self.fused_prefill and self.policy == "continuous" and self.rows is not None):
             return False
         prompts = rows_of(taken)
-        if sum(len(p) for p, _ in prompts) > self.prefill_tokens:
+        if sum(len(p) for p, _ in prompts) > min(self.prefill_tokens, FORWARD_TOKENS):
             return False
         return self._ragged_ok(self.rows.adapters + [a for _, a in prompts])
 
