@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from common import SHARED, eq2_contexts
 
 from specialize.generation import SamplingParams, generate, generate_mixture
 from specialize.models import inference_mode, load_model, pack_linears, select_precision
 from specialize.prompts import AlpacaTemplate, encode_prompt
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:
@@ -69,12 +67,8 @@ def main() -> None:
     ours_tokens = sum(len(o.token_ids) for o in outs)
 
     # eq. 2 cost: k contexts per item mixed at every step vs one context, same items and new tokens
-    from specialize.synth.retrieval import Retriever
-
-    retriever = Retriever.build(SHARED / "biomed/corpus/corpus.jsonl.gz", "/tmp/specialize-bench-bm25")
     items = prompts[: args.batch]
-    hits = retriever.search([r["instruction"] for r in rows[: args.batch]], args.k)
-    ctx_k = [[encode_prompt(f"{h.text}\n\n{p}", t, tok) for h in hs] for p, hs in zip(items, hits, strict=True)]
+    ctx_k = eq2_contexts(tok, rows[: args.batch], args.k)
     ctx_1 = [[c[0]] for c in ctx_k]
     no_eos = type("NoEos", (), {"eos_token_id": -1, "pad_token_id": eos, "decode": tok.decode})()
     start = time.perf_counter()

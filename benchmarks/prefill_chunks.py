@@ -17,28 +17,14 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
+
+from common import SHARED, eq2_contexts
 
 from specialize.generation import SamplingParams, generate_mixture
 from specialize.generation import loop as loop_module
 from specialize.models import load_model, select_precision
-from specialize.prompts import AlpacaTemplate, encode_prompt
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 UNCUT = 10**12
-
-
-def eq2_contexts(tok, items: int, k: int) -> list[list[list[int]]]:
-    from specialize.synth.retrieval import Retriever
-
-    t = AlpacaTemplate()
-    rows = json.loads((SHARED / "generalist/alpaca_gpt4_sample/alpaca_en_demo.json").read_text())[:items]
-    retriever = Retriever.build(SHARED / "biomed/corpus/corpus.jsonl.gz", "/tmp/specialize-bench-bm25")
-    hits = retriever.search([r["instruction"] for r in rows], k)
-    return [
-        [encode_prompt(f"{h.text}\n\n{t.render(r['instruction'], r['input'])}", t, tok) for h in found]
-        for r, found in zip(rows, hits, strict=True)
-    ]
 
 
 def main() -> None:
@@ -48,7 +34,8 @@ def main() -> None:
     args = ap.parse_args()
     precision = select_precision("auto", "cpu")
     model, tok = load_model("embedded", threads=args.threads, precision=precision)
-    contexts = eq2_contexts(tok, args.items, args.k)
+    records = json.loads((SHARED / "generalist/alpaca_gpt4_sample/alpaca_en_demo.json").read_text())
+    contexts = eq2_contexts(tok, records[: args.items], args.k)
     weights = [[1.0 / args.k] * args.k] * len(contexts)
     params = SamplingParams(max_new_tokens=args.new, ignore_eos=True)
     cut = loop_module.FORWARD_TOKENS

@@ -46,8 +46,9 @@ from specialize.models import Precision, attach_adapters, cache_of, inference_mo
 # Prompt tokens one prefill forward feeds at most, however large the step's budget: offline generation admits a whole
 # batch at once with a budget of all its prompt tokens, and its length buckets would otherwise be prefilled in
 # forwards of ~13,000 tokens (eq. 2's 80 contexts), whose element-wise activations (SiLU, gate*up, RMSNorm, RoPE)
-# no longer stay in the CPU's caches. Cut to this size, that prefill ran ~1.15x as fast, the whole eq. 2 run 1.04x
-# (benchmarks/prefill_chunks.py, docs/benchmarks.md); it also bounds a prefill's activation memory.
+# no longer stay in the CPU's caches. Cut to this size, that prefill ran ~1.14x as fast, the whole eq. 2 run
+# 1.01x-1.06x, its other half being decode (benchmarks/prefill_chunks.py, docs/benchmarks.md); it also bounds a
+# prefill's activation memory.
 FORWARD_TOKENS = 4096
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -427,6 +428,11 @@ class TokenLoop:
             self.waiting.extend(requests)
 
     @property
+    def forward_tokens(self) -> int:
+        """Prompt tokens one prefill forward feeds at most: the step's budget, never over `FORWARD_TOKENS`."""
+        return min(self.prefill_tokens, FORWARD_TOKENS)
+
+    @property
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
 
@@ -559,7 +565,7 @@ class TokenLoop:
         job = self.prefilling
         b = job.buckets[len(job.done)]
         n_rows, width = b.ids.shape
-        cols = max(1, min(self.prefill_tokens, FORWARD_TOKENS) // n_rows)
+        cols = max(1, self.forward_tokens // n_rows)
         lo, hi = b.cols, min(b.cols + cols, width)
         positions = (b.mask.cumsum(-1) - 1).clamp(min=0)
         out = self._forward(b.adapters, input_ids=b.ids[:, lo:hi], attention_mask=b.mask[:, :hi],
@@ -585,7 +591,7 @@ class TokenLoop:
         if not (self.fused_prefill and self.policy == "continuous" and self.rows is not None):
             return False
         prompts = rows_of(taken)
-        if sum(len(p) for p, _ in prompts) > min(self.prefill_tokens, FORWARD_TOKENS):
+        if sum(len(p) for p, _ in prompts) > self.forward_tokens:
             return False
         return self._ragged_ok(self.rows.adapters + [a for _, a in prompts])
 
