@@ -146,10 +146,21 @@ def decode_vs_bound(model, tok, t, precision, args) -> None:
     start = time.perf_counter()
     generate(model, tok, [prompt] * 16, t, params, batch_size=16, precision=precision)
     sixteen = 16 * args.new / (time.perf_counter() - start)
+    # the same batch-1 decode with its steps compiled (`compile_decode`); the first call compiles
+    start = time.perf_counter()
+    warm = params.model_copy(update={"max_new_tokens": 4})
+    generate(model, tok, [prompt], t, warm, precision=precision, compile_decode=True)
+    compiling = time.perf_counter() - start
+    start = time.perf_counter()
+    generate(model, tok, [prompt], t, params, batch_size=1, precision=precision, compile_decode=True)
+    compiled = args.new / (time.perf_counter() - start)
     print(f"read bandwidth {bw / 1e9:.1f} GB/s; {weight_bytes / 1e6:.0f} MB of {weight_dtype} weights per token "
           f"-> bound {bound:.1f} tok/s at batch 1")  # fmt: skip
     print(f"token loop batch-1 greedy decode: {one:.1f} tok/s = {100 * one / bound:.0f}% of the bound; "
           f"16 rows: {sixteen:.1f} tok/s = {sixteen / one:.1f}x batch 1")  # fmt: skip
+    print(f"token loop batch-1 greedy decode, compiled: {compiled:.1f} tok/s = {100 * compiled / bound:.0f}% of the "
+          f"bound ({compiled / one:.2f}x eager; compiling took {compiling:.0f} s, once per model and process); "
+          f"16 rows (eager) = {sixteen / compiled:.1f}x compiled batch 1")  # fmt: skip
 
 
 if __name__ == "__main__":

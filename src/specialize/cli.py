@@ -37,6 +37,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub (off by default)")
     p.add_argument("--engine", default=None, choices=get_args(Engine),
                    help="what generates text: hf (default: the project's token loop) or vllm (make vllm)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="hf engine: a lone request decodes through torch.compile (~1 min to compile)")  # fmt: skip
     p.add_argument("--template", default=None, choices=get_args(TemplateName),
                    help="prompt template (default: the one stored with the adapter/model, else alpaca)")  # fmt: skip
     p.add_argument("--system", default=None, help="system message for the chat template")
@@ -48,6 +50,8 @@ def _model_flags(args: argparse.Namespace, *, template: bool = True) -> list[str
                             "model.threads": args.threads, "model.engine": args.engine})  # fmt: skip
     if args.trust_remote_code:
         flags.append("model.trust_remote_code=true")
+    if args.compile:
+        flags.append("model.compile=true")
     return flags + (_value_flags(template=args.template) if template else [])
 
 

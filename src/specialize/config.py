@@ -59,11 +59,20 @@ class ModelConfig(BaseModel):
     revision: str | None = None
     engine: Engine = Field("hf", description="hf: the project's token loop on transformers; vllm: vLLM's engine")
     vllm: VLLMSettings = VLLMSettings()
+    compile: bool = Field(
+        False,
+        description="hf engine: a lone request's decode steps through torch.compile "
+        "(~1.7x a batch-1 step on CPU, after ~1 min of compiling; generation/compiled.py)",
+    )
 
     def hashed(self) -> dict[str, Any]:
-        """What goes into a run's fingerprint. The engine settings only when vLLM generates: runs made on the
-        default engine before the setting existed keep their fingerprints, so they resume."""
-        return self.model_dump(mode="json", exclude=None if self.engine == "vllm" else {"engine", "vllm"})
+        """What goes into a run's fingerprint. The engine settings only when vLLM generates, `compile` only when
+        on (compiled bf16 kernels round differently): runs made before a setting existed keep their
+        fingerprints, so they resume."""
+        exclude = set() if self.engine == "vllm" else {"engine", "vllm"}
+        if not self.compile:
+            exclude.add("compile")
+        return self.model_dump(mode="json", exclude=exclude or None)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

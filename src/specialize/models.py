@@ -380,6 +380,10 @@ class PackedLinear(torch.nn.Linear):
         return self.packed_key is not None and (w.data_ptr(), w._version) == self.packed_key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # traced by `torch.compile` (generation/compiled.py): a plain linear, which inductor packs for oneDNN
+            # itself with the weights frozen; the checks below read data pointers, which a graph cannot
+            return super().forward(x)
         w = self.weight
         if (
             not torch.is_grad_enabled()

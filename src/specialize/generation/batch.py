@@ -14,14 +14,16 @@ from specialize.prompts import PromptTemplate, encode_prompt
 
 def run_requests(
     model: Any, tokenizer: Any, requests: Sequence[Request], *, batch_size: int = 16,
-    precision: Precision | None = None,
+    precision: Precision | None = None, compile_decode: bool = False,
 ) -> list[Output]:  # fmt: skip
-    """Decode every request to the end on one loop of at most `batch_size` rows; outputs in input order."""
+    """Decode every request to the end on one loop of at most `batch_size` rows; outputs in input order.
+    `compile_decode`: a lone row's decode steps run compiled (`compiled.py`)."""
     width = max((len(c) for r in requests for c in r.contexts), default=1)
     rows = max(batch_size, *(r.n_rows for r in requests)) if requests else batch_size
     # offline, no one waits on a running row: admit a whole batch of prompts at once (its prefill forwards are
     # still cut to `loop.FORWARD_TOKENS` tokens each)
-    loop = TokenLoop(model, tokenizer, precision, max_rows=rows, prefill_tokens=max(512, rows * width))
+    loop = TokenLoop(model, tokenizer, precision, max_rows=rows, prefill_tokens=max(512, rows * width),
+                     compile_decode=compile_decode)  # fmt: skip
     loop.submit(*sorted(requests, key=lambda r: max(len(c) for c in r.contexts)))
     loop.run()
     return [r.result for r in requests if r.result is not None]
@@ -37,10 +39,12 @@ def generate(
     batch_size: int = 16,
     precision: Precision | None = None,
     adapter: str | None = None,
+    compile_decode: bool = False,
 ) -> list[Output]:
     """Complete rendered prompts, in input order (each prompt is a request with these parameters and seed)."""
     requests = prompt_requests(tokenizer, prompts, template, params, adapter=adapter)
-    return run_requests(model, tokenizer, requests, batch_size=batch_size, precision=precision)
+    return run_requests(model, tokenizer, requests, batch_size=batch_size, precision=precision,
+                        compile_decode=compile_decode)  # fmt: skip
 
 
 def prompt_requests(

@@ -48,13 +48,15 @@ class HFEngine:
     tokenizer: Any
     precision: Precision | None = None
     batch_size: int = 16
+    compile_decode: bool = False  # a lone row's decode steps through torch.compile (`compiled.py`)
     name: EngineName = "hf"
 
     def supports(self, request: Request) -> str | None:
         return None
 
     def run(self, requests: Sequence[Request]) -> list[Output]:
-        return run_requests(self.model, self.tokenizer, requests, batch_size=self.batch_size, precision=self.precision)
+        return run_requests(self.model, self.tokenizer, requests, batch_size=self.batch_size, precision=self.precision,
+                            compile_decode=self.compile_decode)  # fmt: skip
 
 
 def run_split(
@@ -87,7 +89,7 @@ def engine_for(rt: Runtime, cfg: ModelConfig, *, batch_size: int = 16) -> TextEn
     weights, precision and adapters on vLLM (started once per process for a given model, adapters and
     settings; starting takes seconds on CPU, minutes for a large model on GPUs)."""
     if cfg.engine == "hf":
-        return HFEngine(rt.model, rt.tokenizer, rt.precision, batch_size)
+        return HFEngine(rt.model, rt.tokenizer, rt.precision, batch_size, cfg.compile)
     from specialize.generation.vllm_engine import VLLMEngine
 
     adapters = {name: str(path) for name, path in sorted(rt.adapter_paths.items())}

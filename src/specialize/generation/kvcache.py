@@ -89,6 +89,16 @@ class GrowingLayer(DynamicLayer):
     _views: tuple[torch.Tensor, torch.Tensor] | None = None  # what the last update returned
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        keys, values, length = self.reserve(key_states, value_states)
+        end = length + key_states.shape[-2]
+        keys[:, :, length:end] = key_states
+        values[:, :, length:end] = value_states
+        _hold(self, keys, values, end)
+        return self.keys, self.values
+
+    def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(key buffer, value buffer, length): buffers holding the cache in their first `length` positions, with
+        room after them for the positions of `key_states`/`value_states` (reallocated when there is none)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # the buffers hold the cache only while nothing replaced the views the last update returned
@@ -99,11 +109,14 @@ class GrowingLayer(DynamicLayer):
             capacity = _capacity(end)
             self._key_buffer = _buffer(self.keys, length, key_states, capacity)
             self._value_buffer = _buffer(self.values, length, value_states, capacity)
+            _hold(self, self._key_buffer, self._value_buffer, length)
         assert self._key_buffer is not None and self._value_buffer is not None
-        self._key_buffer[:, :, length:end] = key_states
-        self._value_buffer[:, :, length:end] = value_states
-        _hold(self, self._key_buffer, self._value_buffer, end)
-        return self.keys, self.values
+        return self._key_buffer, self._value_buffer, length
+
+    def grew(self, n: int) -> None:
+        """Something else wrote `n` positions into the buffers after the cache (`reserve`d): they are cache now."""
+        assert self._key_buffer is not None and self._value_buffer is not None
+        _hold(self, self._key_buffer, self._value_buffer, self.keys.shape[-2] + n)
 
 
 def _buffer(current: torch.Tensor, length: int, new: torch.Tensor, capacity: int) -> torch.Tensor:

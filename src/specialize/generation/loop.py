@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from specialize.generation import ragged
+from specialize.generation import compiled, ragged
 from specialize.generation.kvcache import GrowingLayer, cache_layers, growing, join_rows, keep_rows
 from specialize.generation.lora import NO_ADAPTER as PEFT_BASE
 from specialize.generation.lora import StackedLoRA, adapters_off, tuner_layers
@@ -382,6 +382,7 @@ class TokenLoop:
         policy: Policy = "continuous",
         lora: LoraPath = "stacked",
         fused_prefill: bool = True,
+        compile_decode: bool = False,
     ):
         if max_rows < 1 or prefill_tokens < 1:
             raise ValueError("max_rows and prefill_tokens must be >= 1")
@@ -398,6 +399,8 @@ class TokenLoop:
         self.lora = lora
         self.lora_path = lora  # what mixed-adapter steps actually use (with the reason when PEFT's path)
         self.fused_prefill = fused_prefill  # joining prompts in the decode step's forward (`ragged.py`)
+        # a lone row's decode steps through `torch.compile` (`compiled.py`: ~1.7x a batch-1 step, after compiling)
+        self.compiled = compiled.for_model(model) if compile_decode else None
         self._ragged: tuple[int, list[Any] | None] | None = None  # (id of the model, its configs or None: unsupported)
         self.joining: list[Request] = []  # admitted this step, prefilled in its decode forward
         self._stack: StackedLoRA | None = None
@@ -410,7 +413,14 @@ class TokenLoop:
         self.prefilling: _Prefill | None = None
         self.running: list[Request] = []
         self.rows: _Rows | None = None
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_rows": 0, "mixed_steps": 0, "joined_in_decode": 0}
+        self.stats = {
+            "steps": 0,
+            "prefill_tokens": 0,
+            "decode_rows": 0,
+            "mixed_steps": 0,
+            "joined_in_decode": 0,
+            "compiled_steps": 0,
+        }
 
     # ---------------------------------------------------------------------------------- admission
 
@@ -678,12 +688,34 @@ class TokenLoop:
         if len(rows.groups()) > 1 and self._ragged_ok(rows.adapters):
             self._ragged_forward(tokens, [])
             return
+        if self._compiled_step(tokens):
+            return
         rows.attend_new_token()
         out = self._forward(rows.adapters, input_ids=torch.tensor(tokens)[:, None], attention_mask=rows.mask,
                             position_ids=rows.next_pos[:, None], **kv(rows.cache))  # fmt: skip
         rows.cache, rows.next_pos = cache_of(out), rows.next_pos + 1
         rows.logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
         self.stats["decode_rows"] += len(rows)
+
+    def _compiled_step(self, tokens: list[int]) -> bool:
+        """The decode step of a lone unpadded row of a plain model through the compiled forward (`compiled.py`);
+        False where it does not apply or compiling failed (the caller steps eagerly)."""
+        rows = self.rows
+        if self.compiled is None or rows is None:
+            return False
+        layers = cache_layers(rows.cache)
+        padded = not bool(rows.mask[:, 0].all())  # padding is on the left: a row that attends column 0 has none
+        if not self.compiled.applies(self.model, layers, len(rows), padded, rows.adapters):
+            return False
+        logits = self.compiled.step(tokens[0], int(rows.next_pos[0]), layers)
+        if logits is None:
+            return False
+        rows.attend_new_token()
+        rows.next_pos = rows.next_pos + 1
+        rows.logp = F.log_softmax(logits.float(), dim=-1)
+        self.stats["decode_rows"] += 1
+        self.stats["compiled_steps"] += 1
+        return True
 
     def _choose(self) -> list[int]:
         """Every running request's next token; the finished leave. Returns the tokens of the rows that remain."""

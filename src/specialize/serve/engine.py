@@ -111,6 +111,7 @@ class Engine:
         base_template: TemplateName = "alpaca",
         template_override: TemplateName | None = None,
         loop: Any = None,
+        compile_decode: bool = False,
     ):
         self.tokenizer = tokenizer
         self.base_name = base_name
@@ -118,7 +119,8 @@ class Engine:
         self.max_pending = max_pending
         # the token loop (transformers), or anything with its serving surface (vllm_engine.VLLMLoop)
         self.loop = loop or TokenLoop(model, tokenizer, precision, max_rows=max_batch_size, max_tokens=max_tokens,
-                                      prefill_tokens=prefill_tokens, policy=policy, lora=lora)  # fmt: skip
+                                      prefill_tokens=prefill_tokens, policy=policy, lora=lora,
+                                      compile_decode=compile_decode)  # fmt: skip
         self.adapters: dict[str, dict[str, Any]] = {}  # name -> {"path", "sha256"|"mix", "template"}
         # each model's prompt template: an adapter's is read from its directory unless the server overrides it
         self.template_override = template_override

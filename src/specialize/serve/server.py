@@ -91,7 +91,8 @@ def build_engine(cfg: ServeConfig) -> Engine:
     engine = Engine(rt.model, rt.tokenizer, base_name=cfg.base_name, max_batch_size=cfg.max_batch_size,
                     max_tokens=cfg.max_tokens_in_flight, prefill_tokens=cfg.prefill_tokens,
                     batch_wait_ms=cfg.batch_wait_ms, max_pending=cfg.max_pending, policy=cfg.policy,
-                    precision=rt.precision, base_template=rt.template, template_override=cfg.template)  # fmt: skip
+                    precision=rt.precision, base_template=rt.template, template_override=cfg.template,
+                    compile_decode=cfg.model.compile)  # fmt: skip
     for name, path in cfg.adapters.items():
         engine.add_adapter(name, path)
     return engine
