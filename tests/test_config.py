@@ -55,3 +55,14 @@ def test_override_of_a_nested_default_keeps_its_other_defaults():
 
     cfg = load_config(Outer, None, ["name=x", "inner.a=3"])
     assert cfg.inner == Inner(a=3, b=0.9)
+
+
+def test_compile_reaches_the_config_from_the_flag_and_the_fingerprint_only_when_on():
+    from specialize.cli import _model_config, build_parser
+
+    args = build_parser().parse_args(["generate", "hello", "--compile"])
+    assert _model_config(args).compile is True
+    assert _model_config(build_parser().parse_args(["generate", "hello"])).compile is False
+    # runs made before the option existed keep their fingerprints (and resume); a compiled run gets its own
+    assert "compile" not in ModelConfig().hashed()
+    assert ModelConfig(compile=True).hashed()["compile"] is True
